@@ -1,0 +1,390 @@
+"""The model: a Qwen2.5-VL policy with a geometry prior added to its visual tokens (3D-RFT section 3.1).
+
+3D-RFT starts from VG LLM: Qwen2.5-VL plus a frozen geometry encoder (VGGT). VGGT's per-patch
+features, 2x2 neighbours concatenated, pass through a small "geometry merger"
+
+    RMSNorm -> Linear -> GELU -> Linear
+
+and are *added* to Qwen's visual tokens after Qwen's own merger. Since the geometry encoder is frozen,
+its features can be computed offline; here the prior is simply a per-patch feature tensor that the
+data loader hands over (VGGT features for real data, per-patch 3D points for the synthetic world).
+
+This file offers:
+- `load_model(name_or_dir)`: "toy" builds a tiny Qwen2.5-VL-class model from a config, with a small
+  tokenizer made offline; a directory loads a local Hugging Face checkpoint (never the hub).
+- `RFTModel`: the policy = the Hugging Face model + the geometry merger, with `encode_images`
+  (the per-prompt work: vision tower + geometry, done once and reusable), `forward` and `generate`.
+- `save_model(model, tokenizer, dir)`: safetensors weights, config and tokenizer in one directory
+  that `load_model` reads back.
+- `ImageConfig`: the numbers needed to turn frames into `pixel_values` by hand (transformers'
+  Qwen2.5-VL image processor needs torchvision, which cannot be installed next to this torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+# =====================================================================================
+# Special tokens (the Qwen2.5-VL names, so that prompts are built the same way for the toy model
+# and for a real checkpoint)
+# =====================================================================================
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # chat turns; <|im_end|> is the EOS of an answer
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+# The answer-format tags are ordinary (non-special) tokens: decoding must keep them for the rewards.
+FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+# The toy tokenizer also keeps the fixed JSON pieces of answers whole: shorter completions make
+# CPU rollouts cheaper (a real Qwen tokenizer has its own merges for them).
+TOY_JSON_PIECES = ['{"label":"', '","bbox_3d":[', "]}", '{"frame":', ',"bbox_3d":[']
+
+GEOMETRY_FILE = "geometry_merger.safetensors"  # saved next to the Hugging Face weights
+RFT_CONFIG_FILE = "rft3d.json"  # what this project adds to a checkpoint (geometry dim, image config)
+
+
+# =====================================================================================
+# Image configuration: what a hand-written Qwen2.5-VL "processor" needs
+# =====================================================================================
+
+
+@dataclass
+class ImageConfig:
+    """Patchification numbers of the Qwen2.5-VL vision tower (and its image processor).
+
+    Each image becomes a grid of patch_size x patch_size patches, repeated temporal_patch_size
+    times in time (a still image is a 2-frame clip to the ViT); merge_size x merge_size patches
+    become one LLM token. A 112 x 112 frame with patch 14 and merge 2 gives an 8 x 8 patch grid
+    and 16 visual tokens.
+    """
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    min_pixels: int = 56 * 56
+    max_pixels: int = 448 * 448  # frames larger than this are resized down (real data)
+
+
+def image_config_from_dir(path: str, config: Qwen2_5_VLConfig) -> ImageConfig:
+    """Read `preprocessor_config.json` of a real checkpoint when present, else use the defaults."""
+    vision = config.vision_config
+    image_config = ImageConfig(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+    )
+    processor_file = os.path.join(path, "preprocessor_config.json")
+    if os.path.exists(processor_file):
+        with open(processor_file) as f:
+            processor = json.load(f)
+        for key in ("image_mean", "image_std", "min_pixels", "max_pixels"):
+            if key in processor:
+                value = processor[key]
+                setattr(image_config, key, tuple(value) if isinstance(value, list) else value)
+    return image_config
+
+
+# =====================================================================================
+# The geometry prior fusion (VG LLM's geometry merger)
+# =====================================================================================
+
+
+def geometry_merger(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """RMSNorm -> Linear -> GELU -> Linear, mapping 2x2-concatenated patch features to LLM width.
+
+    The last layer starts at zero, so switching the prior on leaves a pretrained model's outputs
+    unchanged at step 0; training then learns how much geometry to add.
+    """
+    merger = nn.Sequential(
+        nn.RMSNorm(in_dim, eps=1e-6),
+        nn.Linear(in_dim, hidden_dim),
+        nn.GELU(),
+        nn.Linear(hidden_dim, out_dim),
+    )
+    nn.init.zeros_(merger[3].weight)
+    nn.init.zeros_(merger[3].bias)
+    return merger
+
+
+class RFTModel(nn.Module):
+    """The policy: a Hugging Face Qwen2.5-VL model plus an optional geometry merger.
+
+    One module (rather than two) so that DDP / FSDP, the optimiser and checkpoints see a single
+    set of parameters. `lm` is the untouched Hugging Face model.
+    """
+
+    def __init__(self, lm: Qwen2_5_VLForConditionalGeneration, geometry_dim: int = 0):
+        super().__init__()
+        self.lm = lm
+        self.geometry_dim = geometry_dim  # features per patch; 0 = no geometry prior
+        if geometry_dim > 0:
+            width = lm.config.text_config.hidden_size
+            merge = lm.config.vision_config.spatial_merge_size
+            self.geometry_merger = geometry_merger(geometry_dim * merge * merge, width, width)
+
+    # ---------------- the per-prompt work: frames (+ geometry) -> visual tokens ----------------
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        geometry: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """Visual tokens of every frame of the batch, geometry prior added (one row per LLM token).
+
+        pixel_values: (num_patches, C * T * P * P) from `data.images_to_patches`;
+        geometry: (num_visual_tokens, geometry_dim * merge^2) from `data.geometry_to_tokens`.
+        Returns what the Hugging Face model accepts as `mm_encoder_outputs["image"]`: a tuple of
+        per-image token tensors in `pooler_output`, so it can be computed once per prompt and
+        reused for all G rollouts and for the policy / reference passes.
+        """
+        vision = self.lm.model.visual
+        pixel_values = pixel_values.to(vision.dtype)
+        tokens = vision(pixel_values, grid_thw=image_grid_thw, return_dict=True).pooler_output
+        if self.geometry_dim > 0:
+            if geometry is None:
+                raise ValueError("this model fuses a geometry prior: the batch must carry `geometry`")
+            tokens = tokens + self.geometry_merger(geometry.to(tokens.dtype))
+        split_sizes = (image_grid_thw.prod(-1) // vision.spatial_merge_size**2).tolist()
+        return BaseModelOutputWithPooling(pooler_output=torch.split(tokens, split_sizes))
+
+    # ---------------- the per-sequence work: the language model ----------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        geometry: torch.Tensor | None = None,
+        image_embeds: BaseModelOutputWithPooling | None = None,
+        **_: object,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab). Pass `image_embeds` from `encode_images` to skip the ViT."""
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values, image_grid_thw, geometry)
+        # Reset the cached rope offsets: they belong to the last `generate` call, not this batch.
+        self.lm.model.rope_deltas = None
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            mm_encoder_outputs={"image": image_embeds},
+            use_cache=False,
+        )
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, batch: dict, image_embeds: BaseModelOutputWithPooling | None = None, **kwargs) -> torch.Tensor:
+        """Sample (or greedily decode) completions; returns only the new token ids (batch*n, new).
+
+        The frames are encoded once here; `num_return_sequences=G` then expands the visual tokens
+        and the prompt over the G samples inside Hugging Face's `generate` (KV cache on).
+        """
+        if image_embeds is None:
+            image_embeds = self.encode_images(batch["pixel_values"], batch["image_grid_thw"], batch.get("geometry"))
+        self.lm.model.rope_deltas = None
+        out = self.lm.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_encoder_outputs={"image": image_embeds},
+            **kwargs,
+        )
+        return out[:, batch["input_ids"].shape[1]:]
+
+
+# =====================================================================================
+# The tiny model and its offline tokenizer
+# =====================================================================================
+
+# Words the toy tokenizer keeps whole (anything else falls back to single characters, so every
+# ASCII text still round-trips). Prompt words, JSON keys, categories, colours, QA vocabulary.
+TOY_WORDS = """
+system user assistant You are a helpful assistant Reason inside and give the final answer
+Detect the bounding boxes in camera coordinate system of first frame Output json list where each
+entry contains object name label its box bbox format should be x y z center size yaw roll pitch
+Localize clear video showing described text Text JSON dictionary with index frames coordinates
+These are Please question using single word or phrase Options Answer option letter from given
+choices directly How many is are there this room What distance between meters centimeters square
+length width height longest dimension which closest farthest to nearest larger smaller left right
+back front behind facing standing by If I am order first appear appears appearance following
+chair table sofa bed cabinet lamp plant tv desk shelf red green blue yellow orange purple white
+black brown pink gray cyan in of on at for measured measuring point objects
+""".split()
+
+
+def build_toy_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer made offline: single characters + merges that spell TOY_WORDS.
+
+    Every printable ASCII character is a token, so any text encodes; the merges join the letters
+    of known words into one token (e.g. "chair" is 1 token, "chairs" is "chair" + "s"), and digits
+    stay single characters as in Qwen's own tokenizer. Decoding concatenates tokens as they are.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab: dict[str, int] = {"[UNK]": 0}
+    for code in list(range(32, 127)) + [ord("\n")]:
+        vocab[chr(code)] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(TOY_WORDS):  # ordered, unique
+        for end in range(2, len(word) + 1):
+            if word[:end] not in vocab:
+                vocab[word[:end]] = len(vocab)
+                merges.append((word[: end - 1], word[end - 1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
+    # Words are runs of letters; everything else (digits, spaces, punctuation) is its own piece.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens(FORMAT_TAGS + TOY_JSON_PIECES)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token=PAD_TOKEN, eos_token=IM_END,
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+
+
+@dataclass
+class ToySize:
+    """Size of the tiny Qwen2.5-VL (about 3 M parameters with the default numbers)."""
+
+    hidden: int = 128  # LLM width
+    layers: int = 4  # LLM decoder layers
+    heads: int = 4  # attention heads (head_dim = hidden / heads = 32)
+    kv_heads: int = 2  # grouped-query attention, as in Qwen2.5
+    vision_hidden: int = 96  # ViT width
+    vision_layers: int = 2  # ViT depth
+    geometry_dim: int = 4  # features per patch of the toy prior (x, y, z, 1)
+
+
+def toy_config(tokenizer: PreTrainedTokenizerFast, size: ToySize) -> Qwen2_5_VLConfig:
+    """A Qwen2.5-VL config scaled down, respecting the architecture's constraints (DESIGN.md 4)."""
+    head_dim = size.hidden // size.heads
+    # mrope_section splits the rotary frequencies between (time, height, width) and must sum to
+    # head_dim / 2; Qwen2.5-VL uses the ratio 1/4 : 3/8 : 3/8 (16, 24, 24 for head_dim 128).
+    half = head_dim // 2
+    spatial = (half - half // 4) // 2
+    mrope_section = [half - 2 * spatial, spatial, spatial]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=4 * size.hidden,
+            num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+            max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": mrope_section},
+            rope_theta=10000.0, bos_token_id=ids[PAD_TOKEN], eos_token_id=ids[IM_END], pad_token_id=ids[PAD_TOKEN],
+        ),
+        vision_config=dict(
+            depth=size.vision_layers, hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+            num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+            # window attention needs window_size >= patch * merge; the last block is full attention.
+            window_size=112, fullatt_block_indexes=[size.vision_layers - 1], out_hidden_size=size.hidden,
+        ),
+        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=False,
+    )
+
+
+def build_toy_model(size: ToySize | None = None, seed: int = 0) -> tuple[RFTModel, PreTrainedTokenizerFast, ImageConfig]:
+    """The embedded default: a randomly initialised tiny Qwen2.5-VL with the geometry prior on."""
+    size = size or ToySize()
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(seed)
+    lm = Qwen2_5_VLForConditionalGeneration(toy_config(tokenizer, size))
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm.generation_config.eos_token_id = tokenizer.eos_token_id
+    return RFTModel(lm, geometry_dim=size.geometry_dim), tokenizer, ImageConfig()
+
+
+# =====================================================================================
+# Loading and saving
+# =====================================================================================
+
+
+def load_model(
+    name_or_dir: str, geometry: bool | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[RFTModel, PreTrainedTokenizerFast, ImageConfig]:
+    """Return (model, tokenizer, image_config) for "toy" or a local checkpoint directory.
+
+    `geometry` switches the prior: None keeps what the checkpoint has (on for "toy"); True on a
+    checkpoint without a merger adds a fresh zero-initialised one (dimension from `rft3d.json` or
+    the toy default); False drops it. Nothing is ever downloaded (`local_files_only=True`).
+    """
+    if name_or_dir == "toy":
+        model, tokenizer, image_config = build_toy_model()
+        if geometry is False:
+            model = RFTModel(model.lm, geometry_dim=0)
+        return model.to(dtype), tokenizer, image_config
+    if not os.path.isdir(name_or_dir):
+        raise FileNotFoundError(f"model directory not found: {name_or_dir!r} (use 'toy' or a local checkpoint folder)")
+    if not os.path.exists(os.path.join(name_or_dir, "config.json")):
+        raise FileNotFoundError(f"{name_or_dir!r} has no config.json: not a Hugging Face checkpoint folder")
+    lm = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_dir, local_files_only=True, dtype=dtype)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_dir, local_files_only=True)
+    extra = {}
+    extra_file = os.path.join(name_or_dir, RFT_CONFIG_FILE)
+    if os.path.exists(extra_file):
+        with open(extra_file) as f:
+            extra = json.load(f)
+    saved_dim = int(extra.get("geometry_dim", 0))
+    if geometry is None:
+        geometry_dim = saved_dim
+    else:
+        geometry_dim = (saved_dim or ToySize().geometry_dim) if geometry else 0
+    model = RFTModel(lm, geometry_dim=geometry_dim)
+    merger_file = os.path.join(name_or_dir, GEOMETRY_FILE)
+    if geometry_dim > 0 and geometry_dim == saved_dim and os.path.exists(merger_file):
+        model.geometry_merger.load_state_dict(load_file(merger_file))
+    image_config = image_config_from_dir(name_or_dir, lm.config)
+    if "image_config" in extra:
+        image_config = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra["image_config"].items()})
+    return model.to(dtype), tokenizer, image_config
+
+
+def save_model(model: RFTModel, tokenizer: PreTrainedTokenizerFast, image_config: ImageConfig, out_dir: str) -> None:
+    """Write a checkpoint folder that `load_model(out_dir)` reads back exactly.
+
+    Hugging Face format (config.json + model.safetensors) for the language/vision model, so the
+    folder also opens with plain transformers; the geometry merger in its own safetensors file.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    model.lm.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if model.geometry_dim > 0:
+        save_file({k: v.contiguous() for k, v in model.geometry_merger.state_dict().items()},
+                  os.path.join(out_dir, GEOMETRY_FILE))
+    with open(os.path.join(out_dir, RFT_CONFIG_FILE), "w") as f:
+        json.dump({"geometry_dim": model.geometry_dim, "image_config": asdict(image_config)}, f, indent=1)
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Ids a completion must never contain (all special tokens except EOS).
+
+    A randomly initialised or young policy samples them otherwise; `generate` suppresses them and
+    the training log-probs mask the same logits, so sampling and scoring use one distribution.
+    """
+    eos = tokenizer.eos_token_id
+    ids = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        ids.add(unk)
+    return sorted(i for i in ids if i is not None and i != eos and i >= 0)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (for logs and the README)."""
+    return sum(p.numel() for p in model.parameters())

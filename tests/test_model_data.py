@@ -1,0 +1,174 @@
+"""Tests of data.py (sampling, records, patchify, batching) and model.py (toy model, save/load)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import model
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def make_records(folder, n=2, frames=4, geometry_dim=4, seed=0):
+    """Hand-made detection records with random frames and a random geometry prior."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "frames"), exist_ok=True)
+    lines = []
+    for r in range(n):
+        images = []
+        for i in range(frames):
+            name = f"frames/{r}_{i}.png"
+            Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(os.path.join(folder, name))
+            images.append(name)
+        np.save(os.path.join(folder, f"g{r}.npy"), rng.normal(size=(frames, 8, 8, geometry_dim)).astype(np.float32))
+        boxes = [{"label": "chair", "bbox_3d": [1, 0, 2 + r, .5, .8, .5, 0, 0, .3]}]
+        lines.append(json.dumps({
+            "id": f"r{r}", "task": "detection", "images": images, "geometry": f"g{r}.npy", "boxes": boxes,
+            "conversations": [{"from": "human", "value": data.detection_prompt(frames)},
+                              {"from": "gpt", "value": data.detection_answer(boxes)}]}))
+    with open(os.path.join(folder, "detection.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return data.load_records(str(folder), "detection")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return model.load_model("toy")
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_sample_frame_indices():
+    assert data.sample_frame_indices(10, 4) == [0, 3, 6, 9]
+    assert data.sample_frame_indices(1, 3) == [0, 0, 0]
+    assert data.sample_frame_indices(10, 3, mode="stride", stride=2, start=1) == [1, 3, 5]
+    with pytest.raises(ValueError, match="do not fit"):
+        data.sample_frame_indices(5, 3, mode="stride", stride=3)
+    with pytest.raises(ValueError, match="unknown frame sampling"):
+        data.sample_frame_indices(5, 3, mode="random")
+
+
+def test_read_video_frames_from_folder(tmp_path):
+    for i in range(6):
+        Image.fromarray(np.full((28, 28, 3), i, np.uint8)).save(tmp_path / f"{i:03d}.png")
+    frames = data.read_video_frames(str(tmp_path), 3)
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 2, 5]  # linspace(0, 5, 3) rounded
+    with pytest.raises(FileNotFoundError):
+        data.read_video_frames(str(tmp_path / "missing.mp4"), 3)
+
+
+def test_malformed_records_give_clear_errors(tmp_path):
+    path = tmp_path / "detection.jsonl"
+    path.write_text('{"task": "detection", "images": ["a.png"]}\n')
+    with pytest.raises(data.RecordError, match=r"detection.jsonl:1: detection record lacks key"):
+        data.load_records(str(path))
+    path.write_text("{not json\n")
+    with pytest.raises(data.RecordError, match="not valid JSON"):
+        data.load_records(str(path))
+    record = {"task": "detection", "images": ["a.png", "b.png"], "boxes": [],
+              "conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "[]"}]}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(data.RecordError, match="1 <image> placeholders for 2 images"):
+        data.load_records(str(path))
+    with pytest.raises(FileNotFoundError, match="records not found"):
+        data.load_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_patchify_matches_a_direct_pixel_lookup():
+    """Independent check of the patch layout: look every patch up in the image by hand."""
+    cfg = model.ImageConfig()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)
+    pixel_values, grid = data.images_to_patches([image], cfg)
+    assert grid.tolist() == [[1, 4, 6]]
+    norm = (image.astype(np.float32) / 255 - np.array(cfg.image_mean)) / np.array(cfg.image_std)
+    p, m = cfg.patch_size, cfg.merge_size
+    row = 0
+    for bh in range(4 // m):  # merged blocks in raster order, then the 2x2 patches inside a block
+        for bw in range(6 // m):
+            for dh in range(m):
+                for dw in range(m):
+                    y, x = (bh * m + dh) * p, (bw * m + dw) * p
+                    patch = norm[y:y + p, x:x + p].transpose(2, 0, 1)  # (3, p, p)
+                    expected = np.stack([patch, patch], axis=1).reshape(-1)  # (3, t, p, p)
+                    np.testing.assert_allclose(pixel_values[row].numpy(), expected, atol=1e-5)
+                    row += 1
+
+
+def test_geometry_rows_follow_patch_order():
+    grid = torch.tensor([[1, 4, 4]])
+    prior = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)  # value = patch raster index
+    rows = data.geometry_to_tokens(prior, grid, merge=2)
+    assert rows.tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    with pytest.raises(ValueError, match="does not match"):
+        data.geometry_to_tokens(prior, torch.tensor([[1, 8, 8]]), merge=2)
+
+
+def test_collate_masks_exactly_the_answer(tmp_path, toy):
+    _, tokenizer, cfg = toy
+    records = make_records(tmp_path)
+    batch = data.collate(records, tokenizer, cfg)
+    for row, record in enumerate(records):
+        answer_ids = batch["input_ids"][row][batch["loss_mask"][row].bool()]
+        assert tokenizer.decode(answer_ids) == data.target_text(record)
+    # 4 frames x 16 visual tokens per row, flagged for the 3-D rotary positions
+    assert batch["mm_token_type_ids"].sum(1).tolist() == [64, 64]
+    assert batch["geometry"].shape == (128, 16)
+    prompts = data.collate(records, tokenizer, cfg, with_answer=False)
+    assert prompts["loss_mask"].sum() == 0
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_tokenizer_round_trips_and_keeps_words_whole(toy):
+    _, tokenizer, _ = toy
+    text = '<think></think><answer>[{"label":"chair","bbox_3d":[1.23,-0.45]}]</answer>'
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert "chair" in tokenizer.convert_ids_to_tokens(ids)
+    assert tokenizer.decode(tokenizer("§ weird ünïcode")["input_ids"], skip_special_tokens=True) != ""
+
+
+def test_forward_and_generate_agree(tmp_path, toy):
+    """Greedy generation and a teacher-forced forward pass give the same tokens (positions agree)."""
+    net, tokenizer, cfg = toy
+    torch.manual_seed(0)
+    for p in net.geometry_merger.parameters():  # make the prior matter in this check
+        torch.nn.init.normal_(p, std=0.1)
+    records = make_records(tmp_path)
+    prompts = data.collate(records, tokenizer, cfg, with_answer=False)
+    new = net.generate(prompts, max_new_tokens=8, do_sample=False,
+                       suppress_tokens=model.special_token_ids(tokenizer))
+    assert new.shape[0] == 2
+    full = dict(prompts, input_ids=torch.cat([prompts["input_ids"], new], 1),
+                attention_mask=torch.cat([prompts["attention_mask"], torch.ones_like(new)], 1),
+                mm_token_type_ids=torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(new)], 1))
+    with torch.no_grad():
+        logits = net(**full)
+    logits[..., model.special_token_ids(tokenizer)] = -float("inf")
+    L = prompts["input_ids"].shape[1]
+    assert torch.equal(logits[:, L - 1:-1].argmax(-1), new)
+
+
+def test_save_and_load_round_trip(tmp_path, toy):
+    net, tokenizer, cfg = toy
+    records = make_records(tmp_path / "d")
+    batch = data.collate(records, tokenizer, cfg)
+    model.save_model(net, tokenizer, cfg, str(tmp_path / "ckpt"))
+    net2, tok2, cfg2 = model.load_model(str(tmp_path / "ckpt"))
+    assert cfg2 == cfg and len(tok2) == len(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(net(**batch), net2(**batch))
+    no_geometry, _, _ = model.load_model(str(tmp_path / "ckpt"), geometry=False)
+    assert no_geometry.geometry_dim == 0
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        model.load_model(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        model.load_model(str(tmp_path))
