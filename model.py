@@ -31,6 +31,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging as hf_logging
 
 # =====================================================================================
 # Special tokens (the Qwen2.5-VL names, so that prompts are built the same way for the toy model
@@ -362,6 +363,7 @@ def save_model(model: RFTModel, tokenizer: PreTrainedTokenizerFast, image_config
     folder also opens with plain transformers; the geometry merger in its own safetensors file.
     """
     os.makedirs(out_dir, exist_ok=True)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar on every checkpoint
     model.lm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     if model.geometry_dim > 0:

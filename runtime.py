@@ -1,0 +1,171 @@
+"""Training plumbing shared by sft.py and grpo.py: processes, schedules, logs and checkpoints.
+
+Nothing here is specific to the paper; it is what both training stages need to run as
+`python X.py` or `torchrun --nproc_per_node=N X.py` (raw torch.distributed, nanoGPT style):
+- `setup_distributed` reads torchrun's environment variables (gloo on CPU, nccl on GPU);
+- `lr_at` is linear warm-up then cosine decay;
+- `JsonlLogger` writes one JSON object per line (rank 0 only);
+- `save_checkpoint` / `load_checkpoint` write a folder that `model.load_model` also opens, with
+  the optimiser and RNG states next to the weights, atomically (a crash never leaves half a folder).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import model as model_lib
+
+# =====================================================================================
+# Processes
+# =====================================================================================
+
+
+@dataclass
+class Dist:
+    """Where this process sits: rank among world_size processes; master logs and saves."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set), else one process."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device(device))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank))
+    dist.init_process_group("gloo")
+    return Dist(rank, world_size, local_rank, torch.device("cpu"))
+
+
+def cleanup_distributed(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: float, d: Dist) -> float:
+    """Sum a number over processes (identity in a single process)."""
+    if not d.enabled:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# =====================================================================================
+# Schedule and logs
+# =====================================================================================
+
+
+def lr_at(step: int, max_lr: float, total_steps: int, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to max_lr over `warmup` steps, then cosine decay to min_ratio * max_lr."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class JsonlLogger:
+    """Append metrics as JSON lines (one object per step); a no-op off the master process."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def truncate_log(path: str, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint's step (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+# =====================================================================================
+# Checkpoints
+# =====================================================================================
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng.pt"
+
+
+def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, optimizer, state: dict) -> None:
+    """Write model (safetensors), optimiser, RNG and `state` (step, args...) atomically to `path`.
+
+    Everything goes to `path.tmp` first and is renamed into place, so `path` is always either the
+    previous complete checkpoint or the new complete one.
+    """
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_lib.save_model(net, tokenizer, image_cfg, tmp)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(rng, os.path.join(tmp, RNG_FILE))
+    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=1)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(path: str, optimizer) -> dict:
+    """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict."""
+    for name in (OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path} is not a resumable checkpoint (no {name})")
+    optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
+    rng = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def trainable_parameters(net: torch.nn.Module, train_vision: bool) -> list[torch.nn.Parameter]:
+    """Freeze the Qwen ViT and its merger unless asked (the paper trains the LLM + geometry merger)."""
+    for name, p in net.named_parameters():
+        p.requires_grad = train_vision or ".visual." not in f".{name}"
+    return [p for p in net.parameters() if p.requires_grad]

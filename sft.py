@@ -1,0 +1,237 @@
+"""Stage 1 of 3D-RFT: the supervised warm-up (SFT) before reinforcement fine-tuning.
+
+The paper first fine-tunes the video 3D MLLM with next-token cross-entropy on the answer tokens
+only (prompt and visual tokens carry no loss). This teaches the output format and basic 3D
+perception, so that GRPO afterwards samples answers that parse and can be rewarded.
+
+    loss = - (1 / N_answer) * sum over answer tokens t of log p(y_t | frames, prompt, y_<t)
+
+N_answer counts the answer tokens of the whole global batch, so one step gives the same gradient
+whether it runs in one process or is split over `torchrun --nproc_per_node=N` processes (DDP
+averages gradients over processes, which the loss scaling below undoes).
+
+Run:  python sft.py                      (toy model, synthetic data in data/toy, CPU)
+      torchrun --nproc_per_node=2 sft.py  (same global batch, split over 2 processes)
+      python sft.py --resume              (continue exactly from runs/sft/latest)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import model as model_lib
+import runtime
+
+# =====================================================================================
+# Settings (every one is a flag; the defaults are the toy demo's)
+# =====================================================================================
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # what to train
+    p.add_argument("--model", default="toy", help="'toy' (tiny model built from a config) or a local checkpoint folder")
+    p.add_argument("--data", default="data/toy", help="data folder holding <split>/<task>.jsonl")
+    p.add_argument("--split", default="train", help="split folder to train on")
+    p.add_argument("--tasks", default="detection", help="comma-separated tasks to mix: detection,grounding,spatial")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many records per task")
+    p.add_argument("--out", default="runs/sft", help="run folder: metrics.jsonl and the checkpoint 'latest/'")
+    p.add_argument("--geometry", choices=["auto", "on", "off"], default="auto",
+                   help="geometry prior fusion: auto keeps the model's setting (on for toy)")
+    p.add_argument("--train-vision", choices=["auto", "yes", "no"], default="auto",
+                   help="train the ViT too: auto = yes for the randomly initialised toy model, no for a checkpoint")
+    # optimisation
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (records per optimiser step, all processes)")
+    p.add_argument("--micro-batch", type=int, default=8, help="records per forward pass (gradient accumulation)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (the toy model needs a large one)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to this fraction of --lr")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and the initialisation")
+    # bookkeeping
+    p.add_argument("--log-every", type=int, default=10, help="steps between metric lines")
+    p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
+    p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest exactly")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run after this step (the schedule still spans --steps)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = p.parse_args(argv)
+    if args.batch_size % args.micro_batch and args.micro_batch < args.batch_size:
+        p.error("--batch-size must be a multiple of --micro-batch")
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for task in args.tasks:
+        if task not in data.TASKS:
+            p.error(f"unknown task {task!r}; choose from {', '.join(data.TASKS)}")
+    return args
+
+
+# =====================================================================================
+# Data order: which records a step sees (a function of the step, so resuming is exact)
+# =====================================================================================
+
+
+def step_indices(step: int, batch_size: int, num_records: int, seed: int) -> list[int]:
+    """The global batch of `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_records)
+        order = np.random.default_rng([seed, epoch]).permutation(num_records)
+        take = min(batch_size - len(indices), num_records - offset)
+        indices.extend(order[offset:offset + take].tolist())
+    return indices
+
+
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """This process's contiguous share of the global batch."""
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank:(rank + 1) * per_rank]
+
+
+# =====================================================================================
+# The loss: cross-entropy on answer tokens only
+# =====================================================================================
+
+
+def answer_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of -log p over answer tokens (the caller divides by the global answer-token count).
+
+    Position t predicts token t+1, so logits are shifted by one against the targets.
+    Example: input [p p a1 a2 EOS] with loss_mask [0 0 1 1 1] scores a1, a2, EOS from positions 1..3.
+    """
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logits.dtype)
+    token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (token_loss.view_as(mask) * mask).sum()
+
+
+def device_batch(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(net, batches: list[dict], global_tokens: float, world_size: int, device) -> float:
+    """Forward/backward over this process's micro-batches; returns the summed answer-token loss.
+
+    Each micro-batch loss is scaled by world_size / global_tokens: DDP then averages over the
+    world_size processes, which leaves exactly d(sum of token losses / global_tokens).
+    """
+    total = 0.0
+    for i, batch in enumerate(batches):
+        batch = device_batch(batch, device)
+        last = i == len(batches) - 1
+        context = net.no_sync() if isinstance(net, DDP) and not last else torch.enable_grad()
+        with context:
+            logits = net(**batch)
+            loss_sum = answer_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+            (loss_sum * world_size / global_tokens).backward()
+        total += loss_sum.item()
+    return total
+
+
+# =====================================================================================
+# The loop
+# =====================================================================================
+
+
+def load_training_records(args) -> list[dict]:
+    records = []
+    for task in args.tasks:
+        records += data.load_records(os.path.join(args.data, args.split), task, args.limit)
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    d = runtime.setup_distributed(args.device)
+    if args.batch_size % (d.world_size * min(args.micro_batch, args.batch_size)):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {d.world_size} processes x --micro-batch")
+    runtime.seed_everything(args.seed)
+    try:
+        records = load_training_records(args)
+        latest = os.path.join(args.out, "latest")
+        source = latest if args.resume else args.model
+        if args.resume and not os.path.isdir(latest):
+            raise FileNotFoundError(f"nothing to resume: {latest} does not exist")
+        geometry = {"auto": None, "on": True, "off": False}[args.geometry]
+        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry)
+    except (FileNotFoundError, data.RecordError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    net.to(d.device)
+    train_vision = args.train_vision == "yes" or (args.train_vision == "auto" and args.model == "toy")
+    params = runtime.trainable_parameters(net, train_vision)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    start_step = 0
+    if args.resume:
+        start_step = runtime.load_training_state(latest, optimizer)["step"]
+    ddp_net = DDP(net) if d.enabled else net
+
+    log_path = os.path.join(args.out, "metrics.jsonl")
+    if d.master:
+        os.makedirs(args.out, exist_ok=True)
+        if args.resume:
+            runtime.truncate_log(log_path, start_step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)
+    logger = runtime.JsonlLogger(log_path, enabled=d.master)
+    if d.master:
+        print(f"SFT: {len(records)} records ({', '.join(args.tasks)}), {model_lib.count_parameters(net) / 1e6:.2f} M parameters "
+              f"({sum(p.numel() for p in params) / 1e6:.2f} M trained), {d.world_size} process(es), from step {start_step}")
+
+    end_step = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="sft", initial=start_step, total=args.steps)
+    micro = min(args.micro_batch, args.batch_size // d.world_size)
+    for step in bar:
+        t0 = time.time()
+        lr = runtime.lr_at(step, args.lr, args.steps, args.warmup, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine = shard(step_indices(step, args.batch_size, len(records), args.seed), d.rank, d.world_size)
+        batches = [data.collate([records[i] for i in mine[j:j + micro]], tokenizer, image_cfg)
+                   for j in range(0, len(mine), micro)]
+        local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
+        global_tokens = runtime.all_reduce_sum(local_tokens, d)
+        loss_sum = train_step(ddp_net, batches, global_tokens, d.world_size, d.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        loss = runtime.all_reduce_sum(loss_sum, d) / global_tokens
+        if not np.isfinite(loss):
+            raise SystemExit(f"error: non-finite loss at step {step}; lower --lr (no checkpoint written for this step)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.time() - t0
+        if d.master:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+            if step % args.log_every == 0 or step == end_step - 1:
+                logger.log({"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": float(grad_norm),
+                            "tokens_per_s": round(global_tokens / seconds, 1), "step_s": round(seconds, 3)})
+        done = step + 1
+        if done % args.save_every == 0 or done == end_step:
+            if d.master:
+                runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer,
+                                        {"step": done, "args": {k: v for k, v in vars(args).items()}})
+            if d.enabled:
+                torch.distributed.barrier()
+        if args.eval_every and done % args.eval_every == 0 and d.master:
+            import eval as evaluation
+
+            metrics = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
+                                          limit=args.eval_limit, progress=False)
+            logger.log({"step": step, "eval": metrics})
+    bar.close()
+    runtime.cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

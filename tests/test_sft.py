@@ -1,0 +1,84 @@
+"""SFT: one step on 2 processes equals one step on 1; an interrupted run resumes exactly."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_model_data import make_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+COMMON = ["--batch-size", "4", "--micro-batch", "2", "--log-every", "1", "--no-progress", "--lr", "1e-3", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sftdata")
+    make_records(root / "train", n=6)
+    return str(root)
+
+
+def run(args, torchrun=False):
+    launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [PYTHON]
+    out = subprocess.run(launcher + [os.path.join(ROOT, "sft.py")] + args, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def weights(run_dir):
+    return load_file(os.path.join(run_dir, "latest", "model.safetensors"))
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    args = ["--data", data_dir, "--steps", "2"] + COMMON
+    run(args + ["--out", str(tmp_path / "one")])
+    run(args + ["--out", str(tmp_path / "two")], torchrun=True)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    start = make_start_weights(tmp_path / "start")
+    moved = 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+        moved += int(not torch.equal(a[name], start[name]))
+    assert moved > 10  # the step really changed the model
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5)
+
+
+def make_start_weights(folder):
+    """The toy model's initial weights, saved the way checkpoints save them."""
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    model.save_model(net, tokenizer, cfg, str(folder))
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    args = ["--data", data_dir, "--steps", "4", "--save-every", "2"] + COMMON
+    run(args + ["--out", str(tmp_path / "full")])
+    run(args + ["--out", str(tmp_path / "cut"), "--stop-after", "2"])
+    run(args + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--data", str(tmp_path / "missing")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "records not found" in out.stderr
+    out = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--tasks", "dance"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and "unknown task" in out.stderr and "Traceback" not in out.stderr
+    help_text = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--help"], capture_output=True, text=True).stdout
+    for flag in ("--steps", "--lr", "--resume", "--micro-batch", "--grad-clip", "--warmup", "--tasks", "--geometry"):
+        assert flag in help_text
