@@ -1,0 +1,523 @@
+"""Stage 2 of 3D-RFT: reinforcement fine-tuning with GRPO and verifiable rewards.
+
+After the SFT warm-up, 3D-RFT optimises the evaluation metrics themselves. For each prompt (frames
++ question) the policy samples a group of G answers; each answer gets a reward computed by the
+same code as the benchmark metric (3D IoU, detection F1, frame distance, QA accuracy / MRA, plus a
+format reward); rewards are normalised within the group into advantages; the policy is pushed
+towards the better-than-average answers with a clipped, PPO-style token-level objective and a KL
+penalty to the frozen SFT model:
+
+    A_i     = (R_i - mean(R_1..R_G)) / (std(R_1..R_G) + 1e-4)                      (group advantage)
+    r_i,t   = exp(logp_new - logp_old)                                               (token ratio)
+    KL_i,t  = exp(logp_ref - logp) - (logp_ref - logp) - 1                          (k3 estimator)
+    L       = -(1 / sum_i T_i) sum_i sum_t [ min(r A_i, clip(r, 1-eps, 1+eps) A_i) - beta KL_i,t ]
+
+One step = three plain functions, as in GRPO-Zero:
+    1. `rollout`          sample G completions per prompt, score them   -> Rollouts
+    2. `group_advantages` normalise rewards within each group           -> advantages
+    3. `update_policy`    the clipped objective over micro-chunks        -> gradient step
+The per-prompt work (the frozen ViT over the frames) is done once per group and reused for the G
+samples, the policy pass and the reference pass; the per-completion work is kept separate.
+
+Run:  python grpo.py                        (from runs/sft/latest, toy data, CPU)
+      torchrun --nproc_per_node=2 grpo.py   (prompts split over processes, one group per process)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import model as model_lib
+import rewards
+import runtime
+
+# =====================================================================================
+# Settings (every one is a flag; the defaults are the toy demo's)
+# =====================================================================================
+
+DEFAULT_INIT = "runs/sft/latest"  # written by `python sft.py`
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # what to train
+    p.add_argument("--init", default=DEFAULT_INIT, help="policy to start from (an SFT checkpoint folder; 'toy' = random)")
+    p.add_argument("--data", default="data/toy", help="data folder holding <split>/<task>.jsonl")
+    p.add_argument("--split", default="train", help="split to draw prompts from")
+    p.add_argument("--task", default="detection", choices=data.TASKS, help="task whose prompts and rewards are used")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--out", default="runs/grpo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
+    p.add_argument("--reward", default=None,
+                   help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); default: the task's")
+    # GRPO
+    p.add_argument("--steps", type=int, default=60, help="GRPO steps (one rollout batch each)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step over all processes")
+    p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default: by task)")
+    p.add_argument("--eps", type=float, default=0.2, help="clip range: ratio kept within [1-eps, 1+eps_high]")
+    p.add_argument("--eps-high", type=float, default=None, help="upper clip (DAPO's clip-higher); default = --eps")
+    p.add_argument("--beta", type=float, default=0.04, help="KL penalty to the frozen initial policy (0 = no reference model)")
+    p.add_argument("--loss-agg", choices=["token-mean", "seq-mean"], default="token-mean",
+                   help="token-mean: mean over all completion tokens (the paper); seq-mean: per sequence first (DeepSeekMath)")
+    p.add_argument("--scale-rewards", choices=["group", "none"], default="group",
+                   help="group: divide by the group's std (+1e-4); none: mean-centre only")
+    p.add_argument("--mu", type=int, default=1, help="optimisation passes per rollout batch (old log-probs kept when > 1)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
+    # optimiser
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate (1e-6 for a real 3B model; the toy needs more)")
+    p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then constant")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--train-vision", action="store_true", help="also train the ViT (frozen in the paper)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and of the sampling")
+    # bookkeeping
+    p.add_argument("--log-every", type=int, default=1, help="steps between metric lines")
+    p.add_argument("--sample-every", type=int, default=10, help="steps between logged sample completions")
+    p.add_argument("--save-every", type=int, default=20, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
+    p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest exactly")
+    p.add_argument("--stop-after", type=int, default=None, help="end this run after this step")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    args = p.parse_args(argv)
+    try:
+        args.weights = rewards.parse_weights(args.reward) if args.reward else dict(rewards.TASK_REWARDS[args.task])
+    except ValueError as e:
+        p.error(str(e))
+    if args.group_size < 2:
+        p.error("--group-size must be at least 2 (advantages compare answers within a group)")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = {"detection": 400, "grounding": 96, "spatial": 24}[args.task]
+    return args
+
+
+# =====================================================================================
+# 1. Rollouts: sample G completions per prompt and score them
+# =====================================================================================
+
+
+@dataclass
+class Rollouts:
+    """One rollout batch: B prompts x G completions, rows ordered prompt-major (row = b * G + g)."""
+
+    records: list[dict]  # the B prompts' records
+    prompts: list[dict]  # per prompt: its collated prompt batch (one row) and frozen visual tokens
+    completion_ids: torch.Tensor  # (B*G, T) sampled tokens, padding after EOS
+    completion_mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
+    truncated: torch.Tensor  # (B*G,) True where no EOS came within the budget
+    texts: list[str]  # decoded completions
+    rewards: torch.Tensor  # (B*G,) weighted total reward
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward, (B*G,)
+    advantages: torch.Tensor | None = None  # (B*G,)
+    old_logp: torch.Tensor | None = None  # (B*G, T) when mu > 1
+
+
+def completion_mask(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of the tokens up to and including the first EOS, and which rows never emit EOS.
+
+    >>> completion_mask(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos_id=2)
+    (tensor([[1, 1, 0],
+            [1, 1, 1]]), tensor([False,  True]))
+    """
+    is_eos = ids == eos_id
+    has_eos = is_eos.any(1)
+    first = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, ids.shape[1], dtype=torch.long))
+    mask = (torch.arange(ids.shape[1]).unsqueeze(0) <= first.unsqueeze(1)).long()
+    return mask, ~has_eos
+
+
+def prepare_prompt(net: model_lib.RFTModel, record: dict, tokenizer, image_cfg, device) -> dict:
+    """The per-prompt work, done once per group: tokenised prompt + frozen ViT output of its frames."""
+    batch = data.collate([record], tokenizer, image_cfg, with_answer=False)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.no_grad():
+        batch["vision"] = net.vision_tokens(batch["pixel_values"], batch["image_grid_thw"])
+    return batch
+
+
+@torch.no_grad()
+def sample_group(net: model_lib.RFTModel, prompt: dict, args, banned: list[int], seed: int) -> torch.Tensor:
+    """G completions of one prompt in one batched, KV-cached `generate`; returns (G, new_tokens).
+
+    The sampling seed depends only on (run seed, step, prompt), so the same prompt gets the same
+    samples whether the step runs in one process or is split over several.
+    """
+    torch.manual_seed(seed)
+    embeds = net.fuse_geometry(prompt["vision"], prompt["image_grid_thw"], prompt.get("geometry"))
+    return net.generate(
+        prompt, image_embeds=embeds, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+        num_return_sequences=args.group_size, max_new_tokens=args.max_new_tokens, suppress_tokens=banned,
+    )
+
+
+def score(texts: list[str], records: list[dict], weights: dict[str, float], group_size: int):
+    """Weighted total reward per completion and each component (rewards.py; bad text scores 0)."""
+    totals, parts = [], {name: [] for name in weights}
+    for i, text in enumerate(texts):
+        total, components = rewards.total_reward(text, records[i // group_size], weights)
+        totals.append(total)
+        for name in weights:
+            parts[name].append(components.get(name, 0.0))
+    return torch.tensor(totals, dtype=torch.float32), {k: torch.tensor(v) for k, v in parts.items()}
+
+
+def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cfg, args, device) -> Rollouts:
+    """Sample a group per prompt, pad the completions to one length, mask after EOS, score."""
+    net.eval()
+    banned = model_lib.special_token_ids(tokenizer)
+    prompts, groups = [], []
+    for record, seed in zip(records, step_seeds):
+        prompt = prepare_prompt(net, record, tokenizer, image_cfg, device)
+        prompts.append(prompt)
+        groups.append(sample_group(net, prompt, args, banned, seed).cpu())
+    width = max(g.shape[1] for g in groups)
+    ids = torch.cat([F.pad(g, (0, width - g.shape[1]), value=tokenizer.pad_token_id) for g in groups])
+    mask, truncated = completion_mask(ids, tokenizer.eos_token_id)
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    total, components = score(texts, records, args.weights, args.group_size)
+    return Rollouts(records, prompts, ids, mask, truncated, texts, total, components)
+
+
+# =====================================================================================
+# 2. Advantages: normalise rewards within each group
+# =====================================================================================
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """A_i = (R_i - mean(group)) / (std(group) + 1e-4), std with divisor G - 1 (torch.std's default).
+
+    `rewards` is (B*G,), prompt-major. A group whose rewards are all equal carries no signal and
+    gets exactly A = 0. With scale=False the advantage is only mean-centred.
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 1., 2., 2., 2., 2.]), group_size=4)
+    tensor([ 0.8659, -0.8659, -0.8659,  0.8659,  0.0000,  0.0000,  0.0000,  0.0000])
+    """
+    grouped = rewards.view(-1, group_size).float()
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + 1e-4)
+    flat = grouped.max(1, keepdim=True).values == grouped.min(1, keepdim=True).values
+    return centred.masked_fill(flat, 0.0).flatten()
+
+
+# =====================================================================================
+# 3. The GRPO loss
+# =====================================================================================
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.04,
+    agg: str = "token-mean",
+    normalizer: float | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective with a k3 KL penalty, as a loss to minimise.
+
+    logp, old_logp, ref_logp, mask: (batch, T) per completion token; advantages: (batch,).
+    Per token: obj = min(r A, clip(r, 1 - eps, 1 + eps_high) A) - beta KL, with r = exp(logp - old_logp).
+    agg="token-mean": loss = -sum(obj * mask) / sum(mask)                      (3D-RFT, DAPO)
+    agg="seq-mean":   loss = -mean_i [ sum_t(obj * mask)_i / sum_t mask_i ]    (DeepSeekMath GRPO)
+    `normalizer` replaces the denominator (the token or sequence count of the *global* batch)
+    when a batch is split into micro-chunks and processes.
+
+    Worked example (one pass, so old_logp = logp.detach() and r = 1, beta = 0):
+        logp = [[-1, -2]], mask = [[1, 1]], A = [0.5]  ->  obj = [0.5, 0.5], loss = -0.5,
+        and d loss / d logp = [[-0.25, -0.25]] = -A / (number of tokens).
+    """
+    eps_high = eps if eps_high is None else eps_high
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.to(logp.dtype).unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps, 1 + eps_high) * adv
+    objective = torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if beta != 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        objective = objective - beta * kl
+    if agg == "token-mean":
+        loss = -(objective * mask).sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
+    elif agg == "seq-mean":
+        per_seq = (objective * mask).sum(1) / mask.sum(1).clamp(min=1)
+        loss = -per_seq.sum() / (normalizer if normalizer is not None else per_seq.numel())
+    else:
+        raise ValueError(f"unknown loss aggregation {agg!r} (token-mean or seq-mean)")
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1)
+        # A token is clipped when the min picked the clipped term and it differs (no gradient flows).
+        is_clipped = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps))
+        stats = {"kl": float((kl * mask).sum() / tokens), "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / tokens),
+                 "ratio": float((ratio * mask).sum() / tokens), "tokens": float(mask.sum())}
+    return loss, stats
+
+
+# =====================================================================================
+# Log-probabilities of completions under a model
+# =====================================================================================
+
+
+def completion_logprobs(
+    net, ro: Rollouts, rows: list[int], banned: list[int], temperature: float, reuse_vision: bool = True
+) -> torch.Tensor:
+    """log p(completion token | frames, prompt, earlier tokens) for the given rows, (len(rows), T).
+
+    The prompt of each row is its group's prompt; the ViT output is reused from the rollout (the
+    per-prompt work), the geometry merger and the LLM run here with gradients (per-completion work).
+    `reuse_vision=False` re-runs the ViT (needed when it is trained, or for a reference model
+    whose ViT differs from the policy's).
+    Special tokens are masked and logits divided by the temperature exactly as during sampling, so
+    the scored distribution is the one that was sampled.
+    """
+    G = ro.completion_ids.shape[0] // len(ro.prompts)
+    prompts = [ro.prompts[r // G] for r in rows]
+    width = max(p["input_ids"].shape[1] for p in prompts)
+    device = prompts[0]["input_ids"].device
+    comp = ro.completion_ids[rows].to(device)
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (width - t.shape[1], 0), value=value)
+
+    input_ids = torch.cat([torch.cat([left_pad(p["input_ids"], 0) for p in prompts]), comp], 1)
+    attention = torch.cat([torch.cat([left_pad(p["attention_mask"], 0) for p in prompts]), torch.ones_like(comp)], 1)
+    mm_types = torch.cat([torch.cat([left_pad(p["mm_token_type_ids"], 0) for p in prompts]), torch.zeros_like(comp)], 1)
+    geometry = [p["geometry"] for p in prompts]
+    logits = net(
+        input_ids=input_ids, attention_mask=attention, mm_token_type_ids=mm_types,
+        image_grid_thw=torch.cat([p["image_grid_thw"] for p in prompts]),
+        vision=torch.cat([p["vision"] for p in prompts]) if reuse_vision else None,
+        pixel_values=None if reuse_vision else torch.cat([p["pixel_values"] for p in prompts]),
+        geometry=None if geometry[0] is None else torch.cat(geometry),
+    )[:, width - 1:-1].float()
+    logits[..., banned] = -float("inf")
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+
+
+# =====================================================================================
+# 4. The policy update: micro-chunks, gradient accumulation, DDP
+# =====================================================================================
+
+
+def micro_chunks(num_rows: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, num_rows))) for i in range(0, num_rows, size)]
+
+
+def update_policy(ddp_net, ref_net, ro: Rollouts, optimizer, params, banned, args, normalizer: float, d) -> dict:
+    """One optimisation pass over the rollout batch; returns the loss statistics.
+
+    Each micro-chunk's loss is divided by the global normaliser and multiplied by world_size,
+    so DDP's gradient averaging yields exactly the gradient of the global-batch loss.
+    """
+    net = ddp_net.module if isinstance(ddp_net, DDP) else ddp_net
+    net.train()
+    chunks = micro_chunks(ro.completion_ids.shape[0], args.micro_batch)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}
+    for i, rows in enumerate(chunks):
+        mask = ro.completion_mask[rows]
+        ref_logp = None
+        if args.beta != 0:
+            with torch.no_grad():
+                ref_logp = completion_logprobs(ref_net, ro, rows, banned, args.temperature,
+                                               reuse_vision=not args.train_vision).cpu()
+        sync = isinstance(ddp_net, DDP) and i < len(chunks) - 1
+        with ddp_net.no_sync() if sync else torch.enable_grad():
+            logp = completion_logprobs(ddp_net, ro, rows, banned, args.temperature,
+                                       reuse_vision=not args.train_vision).cpu()
+            old = ro.old_logp[rows] if ro.old_logp is not None else logp.detach()
+            loss, stats = grpo_loss(logp, old, ref_logp, ro.advantages[rows], mask, args.eps, args.eps_high,
+                                    args.beta, args.loss_agg, normalizer=normalizer)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite GRPO loss ({loss.item()}) in micro-chunk {i}")
+            (loss * d.world_size).backward()
+        totals["loss"] += loss.item()
+        totals["kl"] += stats["kl"] * stats["tokens"]
+        totals["clip_frac"] += stats["clip_frac"] * stats["tokens"]
+        totals["tokens"] += stats["tokens"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError("non-finite gradient norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = max(totals["tokens"], 1.0)
+    return {"loss": totals["loss"], "kl": totals["kl"] / tokens, "clip_frac": totals["clip_frac"] / tokens,
+            "grad_norm": float(grad_norm)}
+
+
+def old_logprobs(net, ro: Rollouts, banned, args) -> torch.Tensor:
+    """Log-probs under the rollout policy, stored before the first of mu > 1 passes."""
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([completion_logprobs(net, ro, rows, banned, args.temperature).cpu()
+                          for rows in micro_chunks(ro.completion_ids.shape[0], args.micro_batch)])
+
+
+# =====================================================================================
+# 5. The loop
+# =====================================================================================
+
+
+def gather(values: list, d) -> list:
+    """Concatenate per-process lists on every process (identity in one process)."""
+    if not d.enabled:
+        return values
+    out = [None] * d.world_size
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part]
+
+
+def step_metrics(ro: Rollouts, d, G: int) -> dict:
+    """Rollout statistics over all processes: reward (total and per component), spread, lengths."""
+    rewards_all = torch.tensor(gather(ro.rewards.tolist(), d))
+    grouped = rewards_all.view(-1, G)
+    metrics = {
+        "reward": float(rewards_all.mean()),
+        "reward_std": float(grouped.std(1).mean()),
+        "zero_std_frac": float((grouped.max(1).values == grouped.min(1).values).float().mean()),
+        "completion_len": float(np.mean(gather(ro.completion_mask.sum(1).tolist(), d))),
+        "truncated": float(np.mean(gather(ro.truncated.float().tolist(), d))),
+    }
+    for name, values in ro.components.items():
+        metrics[f"reward/{name}"] = float(np.mean(gather(values.tolist(), d)))
+    return metrics
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """A sampling seed for one prompt of one step, independent of the process layout."""
+    return int(np.random.default_rng([seed, step, index]).integers(2**31))
+
+
+def load_policy(args, d):
+    """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint."""
+    latest = os.path.join(args.out, "latest")
+    source = latest if args.resume else args.init
+    if args.resume and not os.path.isdir(latest):
+        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
+    if source != "toy" and not os.path.isdir(source):
+        hint = " (make it with: python sft.py)" if source == DEFAULT_INIT else ""
+        raise SystemExit(f"error: initial policy not found: {source}{hint}")
+    net, tokenizer, image_cfg = model_lib.load_model(source)
+    ref = None
+    if args.beta != 0:  # the reference is the *initial* policy, also when resuming
+        ref_source = args.init
+        ref = model_lib.load_model(ref_source)[0].to(d.device).eval()
+        for p in ref.parameters():
+            p.requires_grad = False
+    return net.to(d.device), ref, tokenizer, image_cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    d = runtime.setup_distributed(args.device)
+    if args.prompts_per_step % d.world_size:
+        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over {d.world_size} processes")
+    runtime.seed_everything(args.seed)
+    try:
+        records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
+    except (FileNotFoundError, data.RecordError) as e:
+        raise SystemExit(f"error: {e}")
+    net, ref, tokenizer, image_cfg = load_policy(args, d)
+    params = runtime.trainable_parameters(net, args.train_vision)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    latest = os.path.join(args.out, "latest")
+    start_step = runtime.load_training_state(latest, optimizer)["step"] if args.resume else 0
+    ddp_net = DDP(net) if d.enabled else net
+    banned = model_lib.special_token_ids(tokenizer)
+
+    paths = {name: os.path.join(args.out, f"{name}.jsonl") for name in ("metrics", "samples")}
+    if d.master:
+        os.makedirs(args.out, exist_ok=True)
+        for path in paths.values():
+            if args.resume:
+                runtime.truncate_log(path, start_step)
+            elif os.path.exists(path):
+                os.remove(path)
+        print(f"GRPO on {args.task}: {len(records)} prompts, G={args.group_size}, rewards {args.weights}, "
+              f"beta={args.beta}, {d.world_size} process(es), from step {start_step}")
+    logger = runtime.JsonlLogger(paths["metrics"], enabled=d.master)
+    sample_logger = runtime.JsonlLogger(paths["samples"], enabled=d.master)
+
+    end_step = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="grpo",
+               initial=start_step, total=args.steps)
+    for step in bar:
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # ---- 1. rollouts (this process's share of the step's prompts; whole groups only)
+        t0 = time.time()
+        indices = runtime.step_indices(step, args.prompts_per_step, len(records), args.seed)
+        positions = runtime.shard(list(range(args.prompts_per_step)), d.rank, d.world_size)
+        mine = [records[indices[i]] for i in positions]
+        seeds = [prompt_seed(args.seed, step, i) for i in positions]
+        ro = rollout(net, mine, seeds, tokenizer, image_cfg, args, d.device)
+        rollout_s = time.time() - t0
+        # ---- 2. advantages
+        ro.advantages = group_advantages(ro.rewards, args.group_size, scale=args.scale_rewards == "group")
+        # ---- 3. policy update(s)
+        t1 = time.time()
+        count = ro.completion_mask.sum() if args.loss_agg == "token-mean" else ro.completion_mask.shape[0]
+        normalizer = runtime.all_reduce_sum(float(count), d)
+        if args.mu > 1:
+            ro.old_logp = old_logprobs(net, ro, banned, args)
+        try:
+            for _ in range(args.mu):
+                update = update_policy(ddp_net, ref, ro, optimizer, params, banned, args, normalizer, d)
+        except FloatingPointError as e:
+            raise SystemExit(f"error at step {step}: {e}; nothing was saved for this step "
+                             f"(last good checkpoint: {latest}); try a lower --lr") from None
+        update_s = time.time() - t1
+        # ---- logging (rank 0), checkpoints, held-out evaluation
+        metrics = step_metrics(ro, d, args.group_size)
+        generated = runtime.all_reduce_sum(float(ro.completion_mask.sum()), d)
+        if d.master:
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{update['kl']:.4f}")
+            if step % args.log_every == 0 or step == end_step - 1:
+                logger.log({"step": step, "lr": lr, **metrics, **update, "rollout_s": round(rollout_s, 3),
+                            "update_s": round(update_s, 3), "tokens_per_s": round(generated / rollout_s, 1)})
+            if args.sample_every and step % args.sample_every == 0:
+                sample_logger.log({"step": step, "samples": [
+                    {"id": ro.records[i // args.group_size].get("id"), "reward": float(ro.rewards[i]), "text": ro.texts[i]}
+                    for i in range(0, len(ro.texts), args.group_size)]})
+        done = step + 1
+        if done % args.save_every == 0 or done == end_step:
+            if d.master:
+                runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, {"step": done, "args": vars(args)})
+            if d.enabled:
+                dist.barrier()
+        if args.eval_every and done % args.eval_every == 0 and d.master:
+            import eval as evaluation
+
+            result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=(args.task,),
+                                         limit=args.eval_limit, progress=False)
+            logger.log({"step": step, "eval": result})
+    bar.close()
+    runtime.cleanup_distributed(d)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,229 @@
+"""GRPO: advantages and loss against independent computations, gradients, DDP parity, resume, NaN guard."""
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import grpo
+import rewards
+from tests.test_model_data import make_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_group_advantages_worked_example_and_loop():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.2, 0.7, 0.1, 0.9])
+    adv = grpo.group_advantages(r, group_size=4)
+    expected = []
+    for g in range(2):  # independent: Python's statistics module, sample std (divisor G - 1)
+        group = r[4 * g:4 * g + 4].tolist()
+        mean, std = statistics.mean(group), statistics.stdev(group)
+        expected += [(x - mean) / (std + 1e-4) for x in group]
+    assert adv.tolist() == pytest.approx(expected, abs=1e-6)
+    assert adv[:4].tolist() == pytest.approx([0.8659, -0.8659, -0.8659, 0.8659], abs=1e-4)
+    unscaled = grpo.group_advantages(r, 4, scale=False)
+    assert unscaled[:4].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+
+
+def test_zero_std_group_gets_exactly_zero():
+    r = torch.tensor([0.3] * 8 + [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    adv = grpo.group_advantages(r, group_size=8)
+    assert torch.equal(adv[:8], torch.zeros(8))
+    assert adv[8:].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- loss
+
+def loop_loss(logp, old, ref, adv, mask, eps, eps_high, beta, agg):
+    """The GRPO objective written as plain Python loops over sequences and tokens."""
+    total, tokens, seq_terms = 0.0, 0, []
+    for i in range(logp.shape[0]):
+        seq_sum, seq_len = 0.0, 0
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            r = math.exp(logp[i, t] - old[i, t])
+            a = float(adv[i])
+            obj = min(r * a, min(max(r, 1 - eps), 1 + eps_high) * a)
+            d = float(ref[i, t] - logp[i, t])
+            obj -= beta * (math.exp(d) - d - 1)
+            seq_sum += obj
+            seq_len += 1
+        total += seq_sum
+        tokens += seq_len
+        seq_terms.append(seq_sum / max(seq_len, 1))
+    return -total / tokens if agg == "token-mean" else -sum(seq_terms) / len(seq_terms)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+def test_loss_matches_a_plain_loop(agg, eps_high):
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 7
+    logp = -torch.rand(B, T, generator=g) * 3
+    old = logp + 0.4 * torch.randn(B, T, generator=g)  # ratios well outside the clip range too
+    ref = logp + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    loss, stats = grpo.grpo_loss(logp, old, ref, adv, mask, eps=0.2, eps_high=eps_high, beta=0.04, agg=agg)
+    expected = loop_loss(logp, old, ref, adv, mask, 0.2, eps_high or 0.2, 0.04, agg)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert 0 <= stats["clip_frac"] <= 1 and stats["kl"] > 0
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
+def test_one_pass_gradient_is_policy_gradient_plus_kl(agg):
+    """mu = 1: d loss = d[-A logp] averaged as the aggregation says + beta d KL."""
+    g = torch.Generator().manual_seed(1)
+    B, T, beta = 4, 6, 0.1
+    logp = (-torch.rand(B, T, generator=g) * 2).requires_grad_()
+    ref = logp.detach() + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, generator=g)
+    mask = torch.ones(B, T)
+    mask[2, 3:] = 0
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, beta=beta, agg=agg)
+    (grad,) = torch.autograd.grad(loss, logp)
+
+    logp2 = logp.detach().clone().requires_grad_()
+    delta = ref - logp2
+    per_token = (-adv[:, None] * logp2 + beta * (torch.exp(delta) - delta - 1)) * mask
+    if agg == "token-mean":
+        reference = per_token.sum() / mask.sum()
+    else:
+        reference = (per_token.sum(1) / mask.sum(1)).mean()
+    (expected,) = torch.autograd.grad(reference, logp2)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_clipping_stops_the_gradient_where_ppo_says():
+    eps = 0.2
+    old = torch.zeros(4, 1)
+    # ratios: 1.5 (above), 1.5 (above), 0.5 (below), 0.5 (below); advantages +, -, -, +
+    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    loss, stats = grpo.grpo_loss(logp, old, None, adv, torch.ones(4, 1), eps=eps, beta=0.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad[0].item() == 0 and grad[2].item() == 0  # clipped: ratio pushed past the range already
+    assert grad[1].item() != 0 and grad[3].item() != 0  # PPO keeps the pessimistic, unclipped side
+    assert stats["clip_frac"] == pytest.approx(0.5)
+    loss_hi, _ = grpo.grpo_loss(logp, old, None, adv, torch.ones(4, 1), eps=eps, eps_high=0.6, beta=0.0)
+    (grad_hi,) = torch.autograd.grad(loss_hi, logp)
+    assert grad_hi[0].item() != 0  # clip-higher lets the positive-advantage token move up to 1.6
+
+
+def test_zero_std_group_has_no_policy_gradient():
+    logp = (-torch.rand(8, 5)).requires_grad_()
+    adv = grpo.group_advantages(torch.tensor([0.5] * 4 + [0.0, 1.0, 0.0, 1.0]), group_size=4)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, torch.ones(8, 5), beta=0.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.equal(grad[:4], torch.zeros(4, 5)) and grad[4:].abs().sum() > 0
+
+
+def test_completion_mask_stops_at_first_eos():
+    ids = torch.tensor([[4, 9, 2, 2, 0], [1, 2, 3, 4, 5], [2, 0, 0, 0, 0]])
+    mask, truncated = grpo.completion_mask(ids, eos_id=2)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    mask, truncated = grpo.completion_mask(torch.tensor([[5, 6, 7]]), eos_id=2)
+    assert mask.tolist() == [[1, 1, 1]] and truncated.tolist() == [True]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def digit_share(completion: str, record: dict) -> float:
+    """A test reward that varies across the random toy model's samples: share of digits."""
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, world_size: int, port: int, argv: list) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rewards.REWARDS["digits"] = digit_share
+    grpo.main(argv)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpodata")
+    make_records(root / "train", n=4)
+    return str(root)
+
+
+def base_args(data_dir, out, steps=2):
+    return ["--init", "toy", "--data", data_dir, "--out", str(out), "--steps", str(steps), "--prompts-per-step", "2",
+            "--group-size", "4", "--max-new-tokens", "12", "--reward", "digits=1", "--lr", "1e-3", "--warmup", "1",
+            "--micro-batch", "4", "--no-progress", "--save-every", "1"]
+
+
+def final_weights(out):
+    return load_file(os.path.join(out, "latest", "model.safetensors"))
+
+
+def metric_lines(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    args = base_args(data_dir, tmp_path / "one", steps=1)
+    mp.spawn(worker, args=(1, free_port(), args), nprocs=1)
+    args2 = base_args(data_dir, tmp_path / "two", steps=1)
+    mp.spawn(worker, args=(2, free_port(), args2), nprocs=2)
+    one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
+    assert one[0]["reward"] == pytest.approx(two[0]["reward"], abs=1e-6)  # same samples
+    assert one[0]["reward_std"] > 0 and one[0]["grad_norm"] > 0  # a real gradient step
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    rewards.REWARDS["digits"] = digit_share
+    grpo.main(base_args(data_dir, tmp_path / "full", steps=3))
+    grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--stop-after", "1"])
+    grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume"])
+    drop = ("time", "rollout_s", "update_s", "tokens_per_s")
+    strip = lambda lines: [{k: v for k, v in line.items() if k not in drop} for line in lines]
+    assert strip(metric_lines(tmp_path / "cut")) == strip(metric_lines(tmp_path / "full"))
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    rewards.REWARDS["digits"] = digit_share
+    out = tmp_path / "nan"
+    grpo.main(base_args(data_dir, out, steps=2) + ["--stop-after", "1"])
+    before = final_weights(out)
+    real = grpo.completion_logprobs
+    monkeypatch.setattr(grpo, "completion_logprobs", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite GRPO loss.*nothing was saved"):
+        grpo.main(base_args(data_dir, out, steps=2) + ["--resume"])
+    after = final_weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.load(open(os.path.join(out, "latest", "trainer_state.json")))["step"] == 1
+
+
+def test_missing_default_checkpoint_is_one_line(tmp_path):
+    make_records(tmp_path / "data" / "toy" / "train", n=1)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "python sft.py" in out.stderr

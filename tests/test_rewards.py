@@ -1,0 +1,712 @@
+"""Tests for rewards.py: box maths, exact 3D IoU, safe parsing, and every reward.
+
+The IoU is checked against independent computations (closed form for axis-aligned boxes, a
+Monte Carlo volume estimate for oriented ones); the rewards against hand-worked values; and
+all rewards against a few thousand random and hostile strings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rewards as R  # noqa: E402
+
+RNG_SEED = 1234
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def random_box(rng: np.random.Generator, centre_scale: float = 1.0, aligned: bool = False,
+               ) -> list[float]:
+    centre = rng.uniform(-centre_scale, centre_scale, 3)
+    size = rng.uniform(0.3, 2.0, 3)
+    angles = np.zeros(3) if aligned else rng.uniform(-math.pi, math.pi, 3)
+    return [float(v) for v in (*centre, *size, *angles)]
+
+
+def random_rigid(rng: np.random.Generator) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3] = R.box_rotation(*rng.uniform(-math.pi, math.pi, 3))
+    T[:3, 3] = rng.uniform(-5, 5, 3)
+    return T
+
+
+def aligned_iou(a: list[float], b: list[float]) -> float:
+    """Closed form for two axis-aligned boxes (all angles zero)."""
+    a, b = np.asarray(a), np.asarray(b)
+    lo = np.maximum(a[:3] - a[3:6] / 2, b[:3] - b[3:6] / 2)
+    hi = np.minimum(a[:3] + a[3:6] / 2, b[:3] + b[3:6] / 2)
+    inter = float(np.prod(np.clip(hi - lo, 0, None)))
+    return inter / (np.prod(a[3:6]) + np.prod(b[3:6]) - inter)
+
+
+def in_box(points: np.ndarray, box: list[float]) -> np.ndarray:
+    """Point-in-oriented-box test through the inverse rotation."""
+    b = np.asarray(box)
+    local = (points - b[:3]) @ R.box_rotation(*b[6:9])   # = R^T (p - c) row-wise
+    return (np.abs(local) <= b[3:6] / 2).all(axis=1)
+
+
+def monte_carlo_iou(a: list[float], b: list[float], rng: np.random.Generator,
+                    n: int = 200_000) -> float:
+    corners = np.concatenate([R.box_corners(a), R.box_corners(b)])
+    lo, hi = corners.min(0), corners.max(0)
+    pts = rng.uniform(lo, hi, (n, 3))
+    ia, ib = in_box(pts, a), in_box(pts, b)
+    inter = (ia & ib).mean() * np.prod(hi - lo)
+    va, vb = np.prod(a[3:6]), np.prod(b[3:6])
+    return float(inter / (va + vb - inter))
+
+
+def completion(answer: str, think: str = "reasoning") -> str:
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. box maths
+# ---------------------------------------------------------------------------------------------
+
+def test_box_rotation_is_zxy_composition():
+    yaw, roll, pitch = 0.3, -0.7, 1.1
+    cz, sz = math.cos(yaw), math.sin(yaw)
+    cx, sx = math.cos(roll), math.sin(roll)
+    cy, sy = math.cos(pitch), math.sin(pitch)
+    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    np.testing.assert_allclose(R.box_rotation(yaw, roll, pitch), Rz @ Rx @ Ry, atol=1e-12)
+
+
+def test_box_corners_axis_aligned():
+    c = R.box_corners([1, 2, 3, 2, 4, 6, 0, 0, 0])
+    assert c.shape == (8, 3)
+    np.testing.assert_allclose(c.min(0), [0, 0, 0])
+    np.testing.assert_allclose(c.max(0), [2, 4, 6])
+    # corner order: bit 4 = x sign, bit 2 = y sign, bit 1 = z sign
+    np.testing.assert_allclose(c[0], [0, 0, 0])
+    np.testing.assert_allclose(c[1], [0, 0, 6])
+    np.testing.assert_allclose(c[2], [0, 4, 0])
+    np.testing.assert_allclose(c[4], [2, 0, 0])
+    # yaw = pi/2 turns the local x axis onto +y
+    c = R.box_corners([0, 0, 0, 2, 1, 1, math.pi / 2, 0, 0])
+    np.testing.assert_allclose(c.max(0), [0.5, 1, 0.5], atol=1e-12)
+
+
+def test_euler_round_trip():
+    rng = np.random.default_rng(RNG_SEED)
+    for _ in range(500):
+        yaw, pitch = rng.uniform(-math.pi, math.pi, 2)
+        roll = rng.uniform(-math.pi / 2 + 1e-3, math.pi / 2 - 1e-3)
+        got = R.rotation_to_euler_zxy(R.box_rotation(yaw, roll, pitch))
+        np.testing.assert_allclose(got, (yaw, roll, pitch), atol=1e-9)
+    # any angles, including out of range: the rotation is reproduced
+    for _ in range(500):
+        angles = rng.uniform(-4, 4, 3)
+        M = R.box_rotation(*angles)
+        np.testing.assert_allclose(R.box_rotation(*R.rotation_to_euler_zxy(M)), M, atol=1e-9)
+
+
+@pytest.mark.parametrize("roll", [math.pi / 2, -math.pi / 2])
+def test_euler_gimbal_lock(roll):
+    M = R.box_rotation(0.4, roll, 0.9)
+    yaw, roll2, pitch = R.rotation_to_euler_zxy(M)
+    assert pitch == 0.0 and abs(roll2 - roll) < 1e-9
+    np.testing.assert_allclose(R.box_rotation(yaw, roll2, pitch), M, atol=1e-9)
+
+
+def test_transform_box_moves_corners_rigidly():
+    rng = np.random.default_rng(RNG_SEED)
+    for _ in range(200):
+        box, T = random_box(rng), random_rigid(rng)
+        moved = R.transform_box(box, T)
+        assert len(moved) == 9 and all(isinstance(v, float) for v in moved)
+        assert moved[3:6] == pytest.approx(box[3:6])
+        expected = R.box_corners(box) @ T[:3, :3].T + T[:3, 3]
+        np.testing.assert_allclose(R.box_corners(moved), expected, atol=1e-9)
+
+
+def test_transform_box_identity_and_inverse():
+    rng = np.random.default_rng(RNG_SEED)
+    box, T = random_box(rng), random_rigid(rng)
+    np.testing.assert_allclose(R.box_corners(R.transform_box(box, np.eye(4))), R.box_corners(box),
+                               atol=1e-12)
+    back = R.transform_box(R.transform_box(box, T), np.linalg.inv(T))
+    np.testing.assert_allclose(R.box_corners(back), R.box_corners(box), atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. exact 3D IoU
+# ---------------------------------------------------------------------------------------------
+
+def test_iou_axis_aligned_closed_form():
+    rng = np.random.default_rng(RNG_SEED)
+    nonzero = 0
+    for _ in range(300):
+        a, b = random_box(rng, aligned=True), random_box(rng, 0.8, aligned=True)
+        expected = aligned_iou(a, b)
+        nonzero += expected > 0
+        assert R.box3d_iou(a, b) == pytest.approx(expected, abs=1e-9)
+    assert nonzero > 100
+
+
+def test_iou_oriented_matches_monte_carlo():
+    rng = np.random.default_rng(RNG_SEED)
+    checked = 0
+    while checked < 12:
+        a, b = random_box(rng, 0.3), random_box(rng, 0.3)
+        exact = R.box3d_iou(a, b)
+        if exact < 0.02:
+            continue
+        mc = monte_carlo_iou(a, b, rng)
+        assert exact == pytest.approx(mc, abs=0.015), (a, b)
+        checked += 1
+
+
+def test_iou_hand_values():
+    cube2 = [0, 0, 0, 2, 2, 2, 0, 0, 0]
+    # half overlap along x: intersection 1*2*2 = 4, union 8 + 8 - 4 = 12
+    assert R.box3d_iou(cube2, [1, 0, 0, 2, 2, 2, 0, 0, 0]) == pytest.approx(1 / 3, abs=1e-12)
+    # quarter overlap in x and y
+    assert R.box3d_iou(cube2, [1, 1, 0, 2, 2, 2, 0, 0, 0]) == pytest.approx(2 / 14, abs=1e-12)
+    # nested: small box inside the big one
+    assert R.box3d_iou(cube2, [0.2, 0.1, 0, 1, 1, 1, 0.3, 0.2, 0.1]) == pytest.approx(1 / 8)
+    # unit cube vs itself turned 45 degrees about any axis: an octagonal prism, IoU = 1/sqrt 2
+    unit = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    for angles in ([math.pi / 4, 0, 0], [0, math.pi / 4, 0], [0, 0, math.pi / 4]):
+        assert R.box3d_iou(unit, [0, 0, 0, 1, 1, 1, *angles]) == pytest.approx(
+            1 / math.sqrt(2), abs=1e-9)
+
+
+def test_iou_identical_is_one():
+    rng = np.random.default_rng(RNG_SEED)
+    for _ in range(200):
+        box = random_box(rng, 5.0)
+        assert abs(R.box3d_iou(box, box) - 1.0) < 1e-6
+        assert abs(R.corners_iou(R.box_corners(box), R.box_corners(box)) - 1.0) < 1e-6
+
+
+def test_iou_quarter_turns_swap_extents():
+    base = [0.3, -0.2, 2.0, 1.0, 2.0, 3.0, 0, 0, 0]
+    half_pi = math.pi / 2
+    # pitch rotates about camera y: swaps dx and dz
+    assert R.box3d_iou([*base[:3], 3.0, 2.0, 1.0, 0, 0, half_pi], base) == pytest.approx(1, abs=1e-6)
+    # yaw rotates about z: swaps dx and dy; roll rotates about x: swaps dy and dz
+    assert R.box3d_iou([*base[:3], 2.0, 1.0, 3.0, half_pi, 0, 0], base) == pytest.approx(1, abs=1e-6)
+    assert R.box3d_iou([*base[:3], 1.0, 3.0, 2.0, 0, half_pi, 0], base) == pytest.approx(1, abs=1e-6)
+    # a half turn changes nothing
+    assert R.box3d_iou([*base[:6], math.pi, 0, 0], base) == pytest.approx(1, abs=1e-6)
+
+
+def test_iou_disjoint_and_touching_are_zero():
+    rng = np.random.default_rng(RNG_SEED)
+    assert R.box3d_iou([0, 0, 0, 1, 1, 1, 0, 0, 0], [5, 0, 0, 1, 1, 1, 0, 0, 0]) == 0.0
+    assert R.box3d_iou([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 1, 0, 0, 0]) == 0.0
+    assert R.box3d_iou([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0]) == 0.0
+    # touching oriented boxes: shift a box by its own x extent along its own x axis
+    for _ in range(50):
+        box = random_box(rng, 3.0)
+        axis = R.box_rotation(*box[6:9])[:, 0]
+        other = [*(np.asarray(box[:3]) + axis * box[3]), *box[3:]]
+        assert R.box3d_iou(box, other) < 1e-9
+        # overlapping by half of it instead: IoU = 1/3
+        other = [*(np.asarray(box[:3]) + axis * box[3] / 2), *box[3:]]
+        assert R.box3d_iou(box, other) == pytest.approx(1 / 3, abs=1e-9)
+    # AABBs overlap but the oriented boxes do not (a thin rotated slab next to a cube)
+    slab = [1.2, 1.2, 0, 2.0, 0.1, 1.0, -math.pi / 4, 0, 0]
+    assert R.box3d_iou([0, 0, 0, 2, 2, 1, 0, 0, 0], slab) == 0.0
+
+
+def test_iou_symmetric_and_rigid_invariant():
+    rng = np.random.default_rng(RNG_SEED)
+    for _ in range(100):
+        a, b = random_box(rng, 0.5), random_box(rng, 0.5)
+        iou = R.box3d_iou(a, b)
+        assert 0.0 <= iou <= 1.0
+        assert R.box3d_iou(b, a) == pytest.approx(iou, abs=1e-9)
+        T = random_rigid(rng)
+        assert R.box3d_iou(R.transform_box(a, T), R.transform_box(b, T)) == pytest.approx(
+            iou, abs=1e-9)
+        moved = [R.box_corners(x) @ T[:3, :3].T + T[:3, 3] for x in (a, b)]
+        assert R.corners_iou(*moved) == pytest.approx(iou, abs=1e-9)
+
+
+def test_iou_nearly_coplanar_is_continuous():
+    base = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    for tiny in (1e-15, 1e-12, 1e-9, 1e-7, 1e-5):
+        for i in range(6, 9):
+            other = list(base)
+            other[i] = tiny
+            assert R.box3d_iou(base, other) == pytest.approx(1.0, abs=1e-4)
+        assert R.box3d_iou(base, [tiny, tiny, 0, 1, 1, 1, 0, 0, 0]) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize("bad", [
+    [0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, -1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, float("nan"), 0, 0],
+    [float("inf"), 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1e300, 1e300, 1e300, 0, 0, 0], [0, 0, 0],
+    "not a box", None, [[1, 2, 3]], {"bbox_3d": [0, 0, 0, 1, 1, 1]},
+])
+def test_iou_degenerate_is_zero(bad):
+    good = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert R.box3d_iou(good, bad) == 0.0
+    assert R.box3d_iou(bad, good) == 0.0
+    assert R.corners_iou(np.zeros((8, 3)), R.box_corners(good)) == 0.0
+    assert R.corners_iou("x", R.box_corners(good)) == 0.0
+
+
+def test_iou_matrix():
+    boxes = [[0, 0, 0, 2, 2, 2, 0, 0, 0], [1, 0, 0, 2, 2, 2, 0, 0, 0]]
+    gts = [{"label": "a", "bbox_3d": boxes[0]}, [9, 9, 9, 1, 1, 1, 0, 0, 0], [0, 0, 0]]
+    m = R.iou_matrix(boxes, gts)
+    assert m.shape == (2, 3)
+    np.testing.assert_allclose(m, [[1, 0, 0], [1 / 3, 0, 0]], atol=1e-12)
+    assert R.iou_matrix([], gts).shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. parsing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>t</think><answer>a</answer>", ("t", "a")),
+    ("  \n<think></think>\n<answer> [1] </answer>\n", ("", "[1]")),
+    ("<think>multi\nline</think> <answer>x\ny</answer>", ("multi\nline", "x\ny")),
+    ("<answer>a</answer>", (None, None)),
+    ("<think>t</think>", (None, None)),
+    ("hi <think>t</think><answer>a</answer>", (None, None)),
+    ("<think>t</think><answer>a</answer> bye", (None, None)),
+    ("<think>t</think>x<answer>a</answer>", (None, None)),
+    ("<think>t</think><answer>a</answer><answer>b</answer>", (None, None)),
+    ("<think><think>t</think><answer>a</answer>", (None, None)),
+    ("<answer>a</answer><think>t</think>", (None, None)),
+    ("<think>t<answer>a</answer></think>", (None, None)),
+    ("<think>t</think><answer>a", (None, None)),
+    (None, (None, None)),
+])
+def test_parse_completion(text, expected):
+    assert R.parse_completion(text) == expected
+
+
+def test_parse_json():
+    assert R.parse_json('[{"label": "chair", "bbox_3d": [1, 2]}]') == [
+        {"label": "chair", "bbox_3d": [1, 2]}]
+    assert R.parse_json("[{'label': 'chair', 'bbox_3d': (1, 2,)}]") == [
+        {"label": "chair", "bbox_3d": (1, 2)}]
+    assert R.parse_json('```json\n{"frame": 3}\n```') == {"frame": 3}
+    assert R.parse_json("[" * 50 + "]" * 50) is None
+    assert R.parse_json("1" * (R.MAX_ANSWER_CHARS + 1)) is None
+    assert R.parse_json("__import__('os').system('echo hi')") is None
+    assert R.parse_json("lambda: 1") is None
+    assert R.parse_json("[1, 2") is None
+    assert R.parse_json("") is None
+    assert R.parse_json(None) is None
+
+
+def test_parse_boxes():
+    box = [0.5, 0.2, 2.0, 1.0, 1.0, 1.0, 0.1, 0.0, 0.0]
+    assert R.parse_boxes(json.dumps([{"label": "chair", "bbox_3d": box}])) == [
+        {"label": "chair", "bbox_3d": box}]
+    assert R.parse_boxes("[]") == []
+    bad_boxes = [box[:8], [*box[:3], 0.0, *box[4:]], [*box[:3], -1.0, *box[4:]],
+                 [*box[:8], True], [*box[:8], "1"], [*box[:8], 2e4]]
+    for bad in bad_boxes:
+        assert R.parse_boxes(json.dumps([{"label": "chair", "bbox_3d": bad}])) is None
+    assert R.parse_boxes('[{"label": "chair", "bbox_3d": [NaN, 0, 0, 1, 1, 1, 0, 0, 0]}]') is None
+    assert R.parse_boxes('[{"label": "c", "bbox_3d": [1e999, 0, 0, 1, 1, 1, 0, 0, 0]}]') is None
+    assert R.parse_boxes(json.dumps([{"label": 3, "bbox_3d": box}])) is None
+    assert R.parse_boxes(json.dumps([{"label": " ", "bbox_3d": box}])) is None
+    assert R.parse_boxes(json.dumps([{"bbox_3d": box}])) is None
+    assert R.parse_boxes(json.dumps({"label": "chair", "bbox_3d": box})) is None
+    assert R.parse_boxes(json.dumps([{"label": "c", "bbox_3d": box}, 5])) is None
+    many = [{"label": "c", "bbox_3d": box}] * (R.MAX_BOXES + 1)
+    assert R.parse_boxes(json.dumps(many)) is None
+
+
+def test_parse_grounding():
+    box = [0, 0, 2, 1, 1, 1, 0, 0, 0]
+    assert R.parse_grounding(json.dumps({"frame": 3, "bbox_3d": box})) == (3, box)
+    assert R.parse_grounding(json.dumps({"frame": -2, "bbox_3d": box})) == (-2, box)
+    for frame in (3.0, "3", True, None, [3]):
+        assert R.parse_grounding(json.dumps({"frame": frame, "bbox_3d": box})) is None
+    assert R.parse_grounding(json.dumps({"frame": 3})) is None
+    assert R.parse_grounding(json.dumps([{"frame": 3, "bbox_3d": box}])) is None
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("A", "A"), ("b", "B"), ("A.", "A"), ("(A)", "A"), ("C)", "C"), ("D:", "D"),
+    ("A. the chair", "A"), ("(B) left of the table", "B"), ('"A"', "A"), (" A \n", "A"),
+    ("Apple", None), ("A chair", None), ("", None), ("AB", None), ("1", None), ("(A", None),
+    ("A" * 500, None),
+])
+def test_parse_choice(text, letter):
+    assert R.parse_choice(text) == letter
+
+
+@pytest.mark.parametrize("text, number", [
+    ("3", 3.0), ("-2.5", -2.5), ("1e-3", 1e-3), ("3.5 m", 3.5), ("12 square meters", 12.0),
+    ('"2.5"', 2.5), ("4.", 4.0), (".5", 0.5), ("7 chairs", 7.0), ("3m", 3.0),
+    ("NaN", None), ("nan", None), ("Infinity", None), ("1e999", None), ("true", None),
+    ("three", None), ("", None), ("[3]", None), ("3 4", None), ("1" * 300, None),
+])
+def test_parse_number(text, number):
+    assert R.parse_number(text) == number
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. metrics
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred, gt, expected", [
+    (100, 100, 1.0), (105, 100, 1.0), (95, 100, 1.0), (110, 100, 0.9), (90, 100, 0.9),
+    (125, 100, 0.6), (150, 100, 0.1), (50, 100, 0.1), (151, 100, 0.0), (49, 100, 0.0),
+    (-100, 100, 0.0), (1.1, 1.0, 0.9), (-1.05, -1.0, 1.0), (0.0, 0.0, 1.0), (0.1, 0.0, 0.0),
+    (float("nan"), 1.0, 0.0),
+])
+def test_mra(pred, gt, expected):
+    assert R.mra(pred, gt) == pytest.approx(expected, abs=1e-12)
+
+
+def det(label: str, box: list[float]) -> dict:
+    return {"label": label, "bbox_3d": box}
+
+
+CHAIR = [0, 0, 3, 1, 1, 1, 0, 0, 0]
+TABLE = [2, 0, 4, 2, 1, 1, 0.2, 0, 0]
+
+
+def test_match_detections():
+    gt = [det("chair", CHAIR), det("table", TABLE)]
+    assert R.match_detections([det("chair", CHAIR), det("table", TABLE)], gt) == (2, 0, 0)
+    assert R.match_detections([det("Chair ", CHAIR)], gt) == (1, 0, 1)       # label normalised
+    assert R.match_detections([det("table", CHAIR)], gt) == (0, 1, 2)        # wrong label
+    assert R.match_detections([det("chair", CHAIR)] * 2, gt) == (1, 1, 1)    # duplicate
+    assert R.match_detections([], gt) == (0, 0, 2)
+    assert R.match_detections([det("chair", CHAIR)], []) == (0, 1, 0)
+    # IoU 1/3 passes 0.25 but not 0.5
+    shifted = [0.5, 0, 3, 1, 1, 1, 0, 0, 0]
+    assert R.match_detections([det("chair", shifted)], gt, 0.25) == (1, 0, 1)
+    assert R.match_detections([det("chair", shifted)], gt, 0.5) == (0, 1, 2)
+    # greedy in output order: the first prediction takes the GT it overlaps most
+    g1, g2 = [0, 0, 3, 1, 1, 1, 0, 0, 0], [0.6, 0, 3, 1, 1, 1, 0, 0, 0]
+    p1 = [0.4, 0, 3, 1, 1, 1, 0, 0, 0]          # IoU 0.43 with g1, 0.67 with g2 -> takes g2
+    p2 = [0.6, 0, 3, 1, 1, 1, 0, 0, 0]          # would be perfect on g2, gets g1 at IoU 0.25
+    assert R.match_detections([det("c", p1), det("c", p2)], [det("c", g1), det("c", g2)]) == (
+        1, 1, 1)
+    assert R.match_detections([det("c", p2), det("c", p1)], [det("c", g1), det("c", g2)]) == (
+        2, 0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. rewards
+# ---------------------------------------------------------------------------------------------
+
+def det_record(boxes: list[dict]) -> dict:
+    return {"task": "detection", "boxes": boxes}
+
+
+def det_answer(boxes: list[dict]) -> str:
+    return completion(json.dumps(boxes))
+
+
+DET_GT = det_record([det("chair", CHAIR), det("table", TABLE)])
+
+
+@pytest.mark.parametrize("pred, iou, f1", [
+    ([det("chair", CHAIR), det("table", TABLE)], 1.0, 1.0),
+    ([det("chair", CHAIR)], 1.0, 2 / 3),                        # partial: TP 1, FN 1
+    ([det("table", CHAIR)], 1.0, 0.0),                          # wrong label: IoU ignores it
+    ([det("chair", CHAIR), det("chair", CHAIR)], 1.0, 0.5),     # duplicate: TP 1, FP 1, FN 1
+    ([det("chair", [0.5, 0, 3, 1, 1, 1, 0, 0, 0])], 1 / 3, 2 / 3),
+    ([det("chair", [0.7, 0, 3, 1, 1, 1, 0, 0, 0])], 0.3 / 1.7, 0.0),   # IoU 0.176 < 0.25
+    ([det("chair", CHAIR), det("sofa", [9, 9, 9, 1, 1, 1, 0, 0, 0])], 0.5, 0.5),
+    ([], 0.0, 0.0),                                             # empty pred, GT not empty
+])
+def test_detection_rewards(pred, iou, f1):
+    text = det_answer(pred)
+    assert R.format_reward(text, DET_GT) == 1.0
+    assert R.iou_reward(text, DET_GT) == pytest.approx(iou, abs=1e-9)
+    assert R.f1_reward(text, DET_GT) == pytest.approx(f1, abs=1e-9)
+
+
+def test_detection_empty_cases():
+    empty = det_record([])
+    assert R.iou_reward(det_answer([]), empty) == 1.0
+    assert R.f1_reward(det_answer([]), empty) == 1.0
+    assert R.iou_reward(det_answer([det("chair", CHAIR)]), empty) == 0.0
+    assert R.f1_reward(det_answer([det("chair", CHAIR)]), empty) == 0.0
+    assert R.format_reward(det_answer([]), empty) == 1.0
+
+
+def test_detection_malformed():
+    for text in ("[]", completion("[{'label': 'chair'}]"), completion("nothing"),
+                 "<think></think><answer>" + json.dumps([det("chair", CHAIR)])):
+        for fn in (R.format_reward, R.iou_reward, R.f1_reward):
+            assert fn(text, DET_GT) == 0.0
+    # python-literal answers are accepted
+    text = completion(str([det("chair", CHAIR)]))
+    assert R.format_reward(text, DET_GT) == 1.0 and R.iou_reward(text, DET_GT) == 1.0
+
+
+GT_BOX = [1.0, 2.0, 0.5, 0.8, 0.6, 1.0, 0.3, 0.0, 0.0]
+
+
+def grd_record(cams: list[np.ndarray], align: np.ndarray, gt_frame: int = 3) -> dict:
+    return {"task": "grounding", "gt_bbox": GT_BOX, "gt_frame": gt_frame,
+            "cam2global": [c.tolist() for c in cams], "axis_align_matrix": align.tolist()}
+
+
+def grd_answer(frame, box) -> str:
+    return completion(json.dumps({"frame": frame, "bbox_3d": box}))
+
+
+def test_grounding_identity_transforms():
+    rec = grd_record([np.eye(4)] * 8, np.eye(4))
+    for frame, expected in ((3, 1.0), (5, 0.6), (0, 0.4), (7, 0.2)):
+        text = grd_answer(frame, GT_BOX)
+        assert R.format_reward(text, rec) == 1.0
+        assert R.frame_reward(text, rec) == pytest.approx(expected)
+        assert R.grounding_iou_reward(text, rec) == pytest.approx(1.0, abs=1e-9)
+    rec_long = grd_record([np.eye(4)] * 20, np.eye(4))
+    assert R.frame_reward(grd_answer(12, GT_BOX), rec_long) == 0.0   # 9 frames off
+    yaw = GT_BOX[6]                       # shift by half the x extent along the box's x axis
+    shifted = [GT_BOX[0] + 0.4 * math.cos(yaw), GT_BOX[1] + 0.4 * math.sin(yaw), *GT_BOX[2:]]
+    assert R.grounding_iou_reward(grd_answer(3, shifted), rec) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("frame", [8, 9, -1, 3.0, "3", True, None, 10**12])
+def test_grounding_invalid_frame(frame):
+    rec = grd_record([np.eye(4)] * 8, np.eye(4))
+    text = grd_answer(frame, GT_BOX)
+    assert R.frame_reward(text, rec) == 0.0
+    assert R.grounding_iou_reward(text, rec) == 0.0
+    assert R.format_reward(text, rec) == (1.0 if frame in (8, 9, -1) and frame is not True
+                                          else 0.0)
+
+
+def test_grounding_nontrivial_poses():
+    rng = np.random.default_rng(RNG_SEED)
+    cams = [random_rigid(rng) for _ in range(6)]
+    align = random_rigid(rng)
+    rec = grd_record(cams, align, gt_frame=2)
+    for f in range(6):
+        # the GT box written in frame f's camera coordinates
+        in_cam = R.transform_box(GT_BOX, np.linalg.inv(align @ cams[f]))
+        text = grd_answer(f, in_cam)
+        assert R.grounding_iou_reward(text, rec) == pytest.approx(1.0, abs=1e-6)
+        assert R.frame_reward(text, rec) == pytest.approx(max(0, 1 - abs(f - 2) / 5))
+        # the same numbers claimed for another frame land elsewhere in the scene
+        assert R.grounding_iou_reward(grd_answer((f + 1) % 6, in_cam), rec) < 0.5
+    # the box in scene coordinates is wrong unless the poses are the identity
+    assert R.grounding_iou_reward(grd_answer(2, GT_BOX), rec) < 0.5
+
+
+MC_REC = {"task": "spatial", "question_type": "object_rel_direction", "answer": "B",
+          "options": ["A. left", "B. right", "C. behind", "D. front"]}
+NUM_REC = {"task": "spatial", "question_type": "object_abs_distance", "answer": "2.0"}
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("B", 1.0), ("b", 1.0), ("B.", 1.0), ("(B)", 1.0), ("B. right", 1.0), ("B)", 1.0),
+    ("A", 0.0), ("right", 0.0), ("B right", 0.0), ("", 0.0),
+])
+def test_accuracy_reward(answer, expected):
+    text = completion(answer)
+    assert R.accuracy_reward(text, MC_REC) == expected
+    assert R.spatial_reward(text, MC_REC) == expected
+    assert R.mra_reward(text, MC_REC) == 0.0
+
+
+def test_accuracy_gt_variants_and_format():
+    rec = dict(MC_REC, answer="b. right")
+    assert R.accuracy_reward(completion("B"), rec) == 1.0
+    assert R.format_reward(completion("C"), MC_REC) == 1.0
+    assert R.format_reward(completion("right"), MC_REC) == 0.0
+    assert R.format_reward(completion("2.0"), NUM_REC) == 1.0
+    assert R.format_reward(completion("B"), NUM_REC) == 0.0
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("2", 1.0), ("2.1", 1.0), ("2.2 m", 0.9), ("3", 0.1), ("1", 0.1), ("3.02", 0.0),
+    ("B", 0.0), ("nan", 0.0), ("1e999", 0.0),
+])
+def test_mra_reward(answer, expected):
+    text = completion(answer)
+    assert R.mra_reward(text, NUM_REC) == pytest.approx(expected)
+    assert R.spatial_reward(text, NUM_REC) == pytest.approx(expected)
+    assert R.accuracy_reward(text, NUM_REC) == 0.0
+    assert R.mra_reward(text, dict(NUM_REC, answer=2)) == pytest.approx(expected)
+
+
+def test_mra_reward_zero_ground_truth():
+    rec = dict(NUM_REC, question_type="object_counting", answer="0")
+    assert R.mra_reward(completion("0"), rec) == 1.0
+    assert R.mra_reward(completion("1"), rec) == 0.0
+
+
+def test_unknown_question_type_dispatch():
+    assert R.spatial_reward(completion("C"), {"task": "spatial", "answer": "C"}) == 1.0
+    assert R.spatial_reward(completion("4"), {"task": "spatial", "answer": "4"}) == 1.0
+
+
+def test_rewards_outside_their_task_are_zero():
+    good_det = det_answer([det("chair", CHAIR), det("table", TABLE)])
+    grd = grd_record([np.eye(4)] * 8, np.eye(4))
+    for rec in (grd, MC_REC, NUM_REC, {"task": "other"}, {}):
+        assert R.iou_reward(good_det, rec) == 0.0 and R.f1_reward(good_det, rec) == 0.0
+    good_grd = grd_answer(3, GT_BOX)
+    for rec in (DET_GT, MC_REC, NUM_REC):
+        assert R.frame_reward(good_grd, rec) == 0.0
+        assert R.grounding_iou_reward(good_grd, rec) == 0.0
+    for rec in (DET_GT, grd):
+        assert R.spatial_reward(completion("B"), rec) == 0.0
+        assert R.mra_reward(completion("2"), rec) == 0.0
+    assert R.format_reward(good_det, {"task": "other"}) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. tables, weights, total
+# ---------------------------------------------------------------------------------------------
+
+def test_tables():
+    assert set(R.REWARDS) == {"format", "iou", "f1", "frame", "grounding_iou", "accuracy", "mra",
+                              "spatial"}
+    assert R.TASK_REWARDS == {"detection": {"format": 1, "iou": 1, "f1": 1},
+                              "grounding": {"format": 1, "frame": 1, "grounding_iou": 1},
+                              "spatial": {"format": 1, "spatial": 1}}
+    for fn in R.REWARDS.values():
+        assert fn.reward_range == (0.0, 1.0)
+
+
+def test_parse_weights():
+    assert R.parse_weights("iou=1,f1=0.5,format=1") == {"iou": 1.0, "f1": 0.5, "format": 1.0}
+    assert R.parse_weights(" iou = 2 , ") == {"iou": 2.0}
+    assert R.parse_weights("") == {}
+    for spec, msg in (("iou=1,bogus=2", "unknown reward 'bogus'"), ("iou", "name=number"),
+                      ("iou=x", "not a number"), ("iou=1,iou=2", "twice"), ("iou=nan", "finite")):
+        with pytest.raises(ValueError, match=msg):
+            R.parse_weights(spec)
+
+
+def test_total_reward():
+    text = det_answer([det("chair", CHAIR)])
+    total, parts = R.total_reward(text, DET_GT)
+    assert parts == pytest.approx({"format": 1.0, "iou": 1.0, "f1": 2 / 3})
+    assert total == pytest.approx(1 + 1 + 2 / 3)
+    total, parts = R.total_reward(text, DET_GT, R.parse_weights("f1=3,frame=1"))
+    assert total == pytest.approx(2.0) and parts["frame"] == 0.0
+    total, _ = R.total_reward(text, DET_GT, {"detection": {"format": 0.5}, "spatial": {"mra": 1}})
+    assert total == 0.5
+    assert R.total_reward("garbage", NUM_REC) == (0.0, {"format": 0.0, "spatial": 0.0})
+    with pytest.raises(ValueError):
+        R.total_reward(text, DET_GT, {"nope": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. fuzz: random and hostile strings never raise and stay in range
+# ---------------------------------------------------------------------------------------------
+
+def hostile_answers(marker: Path) -> list[str]:
+    box = "[0.1, 0.2, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]"
+    return [
+        f"__import__('os').system('touch {marker}')",
+        f"[__import__('os').system('touch {marker}')]",
+        f"{{'frame': __import__('os').system('touch {marker}'), 'bbox_3d': {box}}}",
+        "__import__('os').system('touch /tmp/pwned')",
+        f"(lambda: open('{marker}', 'w'))()", "lambda: 0", "exec('1')", "eval('1')",
+        "{1, 2, 3}", "{'frame': {1, 2}, 'bbox_3d': {1}}", "b'\\x00\\xff'", "[b'A']",
+        "NaN", "Infinity", "-Infinity", "1e999", "-1e999", "9" * 5000, "1" + "0" * 400,
+        "[" * 100_000, "]" * 1000, "[" * 30 + "]" * 30, "{" * 60 + "}" * 60, "(" * 500,
+        "[" * 5000 + "1" + "]" * 5000,
+        "a" * 300_000, "\"" + "x" * 19_990 + "\"",
+        '[{"label": "chair", "bbox_3d": [NaN, 0, 0, 1, 1, 1, 0, 0, 0]}]',
+        '[{"label": "chair", "bbox_3d": [1e999, 0, 0, 1, 1, 1, 0, 0, 0]}]',
+        '[{"label": "chair", "bbox_3d": [1e308, 1e308, 1e308, 1e308, 1e308, 1e308, 0, 0, 0]}]',
+        '[{"label": "chair", "bbox_3d": [0, 0, 0, 1e-300, 1e-300, 1e-300, 0, 0, 0]}]',
+        '[{"label": "chair", "bbox_3d": [0, 0, 0, 1, 1, 1, 1e300, 0, 0]}]',
+        '[{"label": "chair", "bbox_3d": ' + "[" * 15 + "]" * 15 + "}]",
+        '{"frame": 1e999, "bbox_3d": ' + box + "}", '{"frame": -999999999999, "bbox_3d": ' + box + "}",
+        '{"frame": 99999999999999999999999999, "bbox_3d": ' + box + "}",
+        '{"frame": NaN, "bbox_3d": ' + box + "}", '{"frame": true, "bbox_3d": ' + box + "}",
+        "[" + ", ".join([f'{{"label": "c", "bbox_3d": {box}}}'] * 150) + "]",
+        "{'__class__': 1}", "().__class__.__bases__[0].__subclasses__()", "None", "null",
+        "True", "...", "1j", "(1+2j)", "'A'", "A" * 10_000, "\x00\x01\x02", "\ud800",
+        "日本語の答え", "Ａ", "𝟙", "٣", "\u200b1", "1\u00a0m", "--1", "+-1", "1e", ".", "-.e1",
+        "```json\n[1\n```", "```", "``````",
+    ]
+
+
+def random_completion(rng: np.random.Generator, answers: list[str]) -> str:
+    """A random completion: a hostile / valid / garbled answer in good or broken tags."""
+    alphabet = list("<>/{}[](),:.'\"\\ \n\t-+eE0123456789ABCabcthinkanswer") + [
+        "<think>", "</think>", "<answer>", "</answer>", "NaN", "Infinity", "\u00e9", "\U0001F600"]
+    kind = rng.integers(6)
+    if kind == 0:       # pure noise
+        return "".join(rng.choice(alphabet, rng.integers(0, 80)))
+    answer = answers[rng.integers(len(answers))]
+    if kind == 1:       # truncated
+        answer = answer[: rng.integers(0, len(answer) + 1)]
+    elif kind == 2:     # one random edit
+        pos = rng.integers(0, len(answer) + 1)
+        answer = answer[:pos] + str(rng.choice(alphabet)) + answer[pos + rng.integers(0, 3):]
+    wrappers = [
+        lambda a: f"<think>x</think><answer>{a}</answer>",
+        lambda a: f"  <think></think>\n<answer>{a}</answer>\n",
+        lambda a: f"<answer>{a}</answer>",
+        lambda a: f"<think>x</think><answer>{a}",
+        lambda a: f"<think>x<answer>{a}</answer></think>",
+        lambda a: f"<think>x</think><answer>{a}</answer><answer>{a}</answer>",
+        lambda a: a,
+    ]
+    return wrappers[rng.integers(len(wrappers))](answer)
+
+
+def test_fuzz_rewards_never_raise(tmp_path):
+    marker = tmp_path / "pwned"
+    pwned_before = os.path.exists("/tmp/pwned")
+    rng = np.random.default_rng(RNG_SEED)
+    box = [0.1, 0.2, 3.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    valid = [
+        json.dumps([det("chair", CHAIR), det("table", TABLE)]), json.dumps([det("chair", box)]),
+        "[]", json.dumps({"frame": 3, "bbox_3d": GT_BOX}), json.dumps({"frame": 1, "bbox_3d": box}),
+        "B", "(A) left", "2.1", "0", "3.5 m", str([det("chair", CHAIR)]),
+    ]
+    answers = valid + hostile_answers(marker)
+    cams = [random_rigid(rng) for _ in range(8)]
+    records = [
+        DET_GT, det_record([]), grd_record(cams, random_rigid(rng)),
+        grd_record([np.eye(4)] * 4, np.eye(4), gt_frame=0), MC_REC, NUM_REC,
+        dict(NUM_REC, answer="0"), {"task": "spatial", "answer": "C"}, {"task": "other"},
+        {"task": "grounding"}, {"task": "detection", "boxes": "broken"}, {},
+    ]
+    texts = [completion(a) for a in answers] + [random_completion(rng, answers)
+                                                 for _ in range(3000)]
+    texts += [None, 123, b"<think></think><answer>[]</answer>", ["<think>"]]  # not even str
+    positive = {name: 0 for name in R.REWARDS}
+    for text in texts:
+        for rec in records:
+            for name, fn in R.REWARDS.items():
+                value = fn(text, rec)
+                lo, hi = fn.reward_range
+                assert isinstance(value, float) and math.isfinite(value), (name, text, rec)
+                assert lo <= value <= hi, (name, value)
+                positive[name] += value > 0
+            total, parts = R.total_reward(text, rec)
+            assert math.isfinite(total) and all(math.isfinite(v) for v in parts.values())
+    for answer in answers:  # the parsers on their own
+        for parse in (R.parse_json, R.parse_boxes, R.parse_grounding, R.parse_choice,
+                      R.parse_number, R.parse_completion):
+            parse(answer)
+    assert all(count > 0 for count in positive.values()), positive  # the fuzz reaches scoring
+    assert not marker.exists()
+    assert os.path.exists("/tmp/pwned") == pwned_before
