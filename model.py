@@ -136,29 +136,37 @@ class RFTModel(nn.Module):
 
     # ---------------- the per-prompt work: frames (+ geometry) -> visual tokens ----------------
 
-    def encode_images(
-        self,
-        pixel_values: torch.Tensor,
-        image_grid_thw: torch.Tensor,
-        geometry: torch.Tensor | None = None,
-    ) -> BaseModelOutputWithPooling:
-        """Visual tokens of every frame of the batch, geometry prior added (one row per LLM token).
+    def vision_tokens(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen's ViT + merger: one row per visual LLM token, all frames of the batch concatenated.
 
-        pixel_values: (num_patches, C * T * P * P) from `data.images_to_patches`;
-        geometry: (num_visual_tokens, geometry_dim * merge^2) from `data.geometry_to_tokens`.
-        Returns what the Hugging Face model accepts as `mm_encoder_outputs["image"]`: a tuple of
-        per-image token tensors in `pooler_output`, so it can be computed once per prompt and
-        reused for all G rollouts and for the policy / reference passes.
+        pixel_values: (num_patches, C * T * P * P) from `data.images_to_patches`. When the ViT is
+        frozen (the paper's setting), this is per-prompt work that GRPO does once per group.
         """
         vision = self.lm.model.visual
-        pixel_values = pixel_values.to(vision.dtype)
-        tokens = vision(pixel_values, grid_thw=image_grid_thw, return_dict=True).pooler_output
+        return vision(pixel_values.to(vision.dtype), grid_thw=image_grid_thw, return_dict=True).pooler_output
+
+    def fuse_geometry(
+        self, tokens: torch.Tensor, image_grid_thw: torch.Tensor, geometry: torch.Tensor | None
+    ) -> BaseModelOutputWithPooling:
+        """Add the geometry merger's output to the visual tokens (VG LLM's fusion by addition).
+
+        geometry: (num_visual_tokens, geometry_dim * merge^2) from `data.geometry_to_tokens`.
+        Returns what the Hugging Face model accepts as `mm_encoder_outputs["image"]`: a tuple of
+        per-image token tensors in `pooler_output`.
+        """
         if self.geometry_dim > 0:
             if geometry is None:
                 raise ValueError("this model fuses a geometry prior: the batch must carry `geometry`")
             tokens = tokens + self.geometry_merger(geometry.to(tokens.dtype))
-        split_sizes = (image_grid_thw.prod(-1) // vision.spatial_merge_size**2).tolist()
+        merge = self.lm.config.vision_config.spatial_merge_size
+        split_sizes = (image_grid_thw.prod(-1) // merge**2).tolist()
         return BaseModelOutputWithPooling(pooler_output=torch.split(tokens, split_sizes))
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, geometry: torch.Tensor | None = None
+    ) -> BaseModelOutputWithPooling:
+        """Frames (+ geometry) -> fused visual tokens, ready for `forward` or `generate`."""
+        return self.fuse_geometry(self.vision_tokens(pixel_values, image_grid_thw), image_grid_thw, geometry)
 
     # ---------------- the per-sequence work: the language model ----------------
 
@@ -170,12 +178,13 @@ class RFTModel(nn.Module):
         image_grid_thw: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         geometry: torch.Tensor | None = None,
-        image_embeds: BaseModelOutputWithPooling | None = None,
+        vision: torch.Tensor | None = None,
         **_: object,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). Pass `image_embeds` from `encode_images` to skip the ViT."""
-        if image_embeds is None:
-            image_embeds = self.encode_images(pixel_values, image_grid_thw, geometry)
+        """Logits (batch, seq, vocab). Pass precomputed `vision` (from `vision_tokens`) to skip the ViT."""
+        if vision is None:
+            vision = self.vision_tokens(pixel_values, image_grid_thw)
+        image_embeds = self.fuse_geometry(vision, image_grid_thw, geometry)
         # Reset the cached rope offsets: they belong to the last `generate` call, not this batch.
         self.lm.model.rope_deltas = None
         out = self.lm(
@@ -325,6 +334,7 @@ def load_model(
     checkpoint without a merger adds a fresh zero-initialised one (dimension from `rft3d.json` or
     the toy default); False drops it. Nothing is ever downloaded (`local_files_only=True`).
     """
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model of a few MB
     if name_or_dir == "toy":
         model, tokenizer, image_config = build_toy_model()
         if geometry is False:

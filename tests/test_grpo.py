@@ -195,8 +195,8 @@ def test_two_processes_match_one(data_dir, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_is_exact(data_dir, tmp_path):
-    rewards.REWARDS["digits"] = digit_share
+def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
     grpo.main(base_args(data_dir, tmp_path / "full", steps=3))
     grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--stop-after", "1"])
     grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume"])
@@ -209,7 +209,7 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
-    rewards.REWARDS["digits"] = digit_share
+    monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
     out = tmp_path / "nan"
     grpo.main(base_args(data_dir, out, steps=2) + ["--stop-after", "1"])
     before = final_weights(out)

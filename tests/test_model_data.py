@@ -172,3 +172,21 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
         model.load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         model.load_model(str(tmp_path))
+
+
+def test_toy_model_runs_on_generated_scenes(tmp_path, toy):
+    """The real path: scenes.py writes records, data.py batches them, the toy model runs and generates."""
+    import scenes
+
+    scenes.generate(str(tmp_path), "train", 2)
+    net, tokenizer, cfg = toy
+    for task in data.TASKS:
+        records = data.load_records(str(tmp_path / "train"), task, limit=2)
+        batch = data.collate(records, tokenizer, cfg)
+        with torch.no_grad():
+            logits = net(**batch)
+        assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+        prompts = data.collate(records, tokenizer, cfg, with_answer=False)
+        new = net.generate(prompts, max_new_tokens=6, do_sample=True, num_return_sequences=2,
+                           suppress_tokens=model.special_token_ids(tokenizer))
+        assert new.shape[0] == 2 * len(records)
