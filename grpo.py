@@ -315,7 +315,10 @@ def completion_logprobs(
     )[:, width - 1:-1].float()
     logits[..., banned] = -float("inf")
     logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+    # Padding after EOS is a banned token (log-prob -inf); it is masked out of the loss, and set
+    # to 0 here so that 0 * -inf never turns the masked sum into NaN.
+    mask = ro.completion_mask[rows].to(device).bool()
+    return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
 
 
 # =====================================================================================

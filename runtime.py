@@ -84,6 +84,29 @@ def seed_everything(seed: int) -> None:
 
 
 # =====================================================================================
+# Data order: which records a step sees (a function of the step, so resuming is exact)
+# =====================================================================================
+
+
+def step_indices(step: int, batch_size: int, num_records: int, seed: int) -> list[int]:
+    """The global batch of `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
+    start = step * batch_size
+    indices: list[int] = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_records)
+        order = np.random.default_rng([seed, epoch]).permutation(num_records)
+        take = min(batch_size - len(indices), num_records - offset)
+        indices.extend(order[offset:offset + take].tolist())
+    return indices
+
+
+def shard(indices: list, rank: int, world_size: int) -> list:
+    """This process's contiguous share of the global batch."""
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank:(rank + 1) * per_rank]
+
+
+# =====================================================================================
 # Schedule and logs
 # =====================================================================================
 

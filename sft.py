@@ -79,29 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # =====================================================================================
-# Data order: which records a step sees (a function of the step, so resuming is exact)
-# =====================================================================================
-
-
-def step_indices(step: int, batch_size: int, num_records: int, seed: int) -> list[int]:
-    """The global batch of `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
-    start = step * batch_size
-    indices = []
-    while len(indices) < batch_size:
-        epoch, offset = divmod(start + len(indices), num_records)
-        order = np.random.default_rng([seed, epoch]).permutation(num_records)
-        take = min(batch_size - len(indices), num_records - offset)
-        indices.extend(order[offset:offset + take].tolist())
-    return indices
-
-
-def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
-    """This process's contiguous share of the global batch."""
-    per_rank = len(indices) // world_size
-    return indices[rank * per_rank:(rank + 1) * per_rank]
-
-
-# =====================================================================================
 # The loss: cross-entropy on answer tokens only
 # =====================================================================================
 
@@ -198,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         lr = runtime.lr_at(step, args.lr, args.steps, args.warmup, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        mine = shard(step_indices(step, args.batch_size, len(records), args.seed), d.rank, d.world_size)
+        mine = runtime.shard(runtime.step_indices(step, args.batch_size, len(records), args.seed), d.rank, d.world_size)
         batches = [data.collate([records[i] for i in mine[j:j + micro]], tokenizer, image_cfg)
                    for j in range(0, len(mine), micro)]
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)

@@ -227,3 +227,24 @@ def test_missing_default_checkpoint_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "grpo.py")], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "python sft.py" in out.stderr
+
+
+def test_padding_after_eos_gives_finite_logprobs(data_dir, monkeypatch):
+    """Completions that stop early are padded with a (banned) pad token: scores must stay finite."""
+    import data
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=1)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    fixed = torch.tensor([[5, 6, eos, pad], [7, eos, pad, pad], [5, 5, 5, 5], [eos, pad, pad, pad]])
+    monkeypatch.setattr(grpo, "sample_group", lambda *a, **k: fixed.clone())
+    args = grpo.parse_args(["--group-size", "4", "--reward", "format=1"])
+    ro = grpo.rollout(net, records, [0], tokenizer, cfg, args, torch.device("cpu"))
+    assert ro.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ro.truncated.tolist() == [False, False, True, False]
+    logp = grpo.completion_logprobs(net, ro, [0, 1, 2, 3], model.special_token_ids(tokenizer), 1.0)
+    assert torch.isfinite(logp).all() and (logp[ro.completion_mask == 0] == 0).all()
+    ro.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), logp.detach(), ro.advantages, ro.completion_mask)
+    assert torch.isfinite(loss)
