@@ -222,10 +222,11 @@ class RFTModel(nn.Module):
 # The tiny model and its offline tokenizer
 # =====================================================================================
 
-# Words the toy tokenizer keeps whole (anything else falls back to single characters, so every
-# ASCII text still round-trips). Prompt words, JSON keys, categories, colours, QA vocabulary.
-TOY_WORDS = """
-system user assistant You are a helpful assistant Reason inside and give the final answer
+# Text the toy tokenizer learns its merges from: the prompt wording, JSON keys, categories, colours
+# and the spatial-QA vocabulary. Words seen here become one token each (with their leading space);
+# anything else still encodes, letter by letter.
+TOY_CORPUS = """
+system user assistant You are a helpful assistant. Reason inside and give the final answer
 Detect the bounding boxes in camera coordinate system of first frame Output json list where each
 entry contains object name label its box bbox format should be x y z center size yaw roll pitch
 Localize clear video showing described text Text JSON dictionary with index frames coordinates
@@ -233,33 +234,36 @@ These are Please question using single word or phrase Options Answer option lett
 choices directly How many is are there this room What distance between meters centimeters square
 length width height longest dimension which closest farthest to nearest larger smaller left right
 back front behind facing standing by If I am order first appear appears appearance following
-chair table sofa bed cabinet lamp plant tv desk shelf red green blue yellow orange purple white
-black brown pink gray cyan in of on at for measured measuring point objects
-""".split()
+chair chairs table tables sofa sofas bed beds cabinet cabinets lamp lamps plant plants tv tvs
+red green blue yellow orange purple white black brown pink gray cyan in of on at for measured
+measuring point objects object the a an size taller shorter centre center the of
+Which What Where How Is If Measuring From Answer Frame
+"""
 
 
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
-    """A small BPE tokenizer made offline: single characters + merges that spell TOY_WORDS.
+    """A small BPE tokenizer trained offline, in milliseconds, on TOY_CORPUS and the prompt texts.
 
-    Every printable ASCII character is a token, so any text encodes; the merges join the letters
-    of known words into one token (e.g. "chair" is 1 token, "chairs" is "chair" + "s"), and digits
-    stay single characters as in Qwen's own tokenizer. Decoding concatenates tokens as they are.
+    Pre-tokenisation keeps a word together with its leading space (" chair") and every other
+    character alone, so digits stay single characters as in Qwen's own tokenizer and every ASCII
+    text still encodes. BPE training then merges each word of the corpus into one token. Decoding
+    concatenates tokens as they are. Training is deterministic: the same corpus, the same vocabulary.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    vocab: dict[str, int] = {"[UNK]": 0}
-    for code in list(range(32, 127)) + [ord("\n")]:
-        vocab[chr(code)] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(TOY_WORDS):  # ordered, unique
-        for end in range(2, len(word) + 1):
-            if word[:end] not in vocab:
-                vocab[word[:end]] = len(vocab)
-                merges.append((word[: end - 1], word[end - 1]))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
-    # Words are runs of letters; everything else (digits, spaces, punctuation) is its own piece.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
+    import data  # the prompt wording is part of the corpus
+
+    corpus = [TOY_CORPUS, data.DETECTION_PROMPT, data.GROUNDING_PROMPT, data.SPATIAL_PREFIX,
+              data.SPATIAL_NUMERIC_SUFFIX, data.SPATIAL_MC_SUFFIX, data.SYSTEM_PROMPT]
+    words = sorted(set(re.findall(r"[A-Za-z]+", " ".join(corpus))))
+    corpus += ["\n".join(words), " ".join(words)]  # every word with and without a leading space
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    alphabet = [chr(code) for code in range(32, 127)] + ["\n"]
+    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, special_tokens=["[UNK]"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.add_tokens(FORMAT_TAGS + TOY_JSON_PIECES)
     return PreTrainedTokenizerFast(
