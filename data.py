@@ -241,6 +241,8 @@ def load_records(path: str, task: str | None = None, limit: int | None = None) -
         path = os.path.join(path, f"{task}.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"records not found: {path} (generate the toy data with: python scenes.py)")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    task = task if task is not None else (stem if stem in TASKS else None)
     root = os.path.dirname(os.path.abspath(path))
     records = []
     with open(path) as f:
@@ -252,6 +254,8 @@ def load_records(path: str, task: str | None = None, limit: int | None = None) -
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
+            if task is not None and isinstance(record, dict):
+                record.setdefault("task", task)  # real VG LLM records carry no "task" key
             record = check_record(record, where)
             record["_root"] = root
             records.append(record)

@@ -20,7 +20,7 @@ The per-prompt work (the frozen ViT over the frames) is done once per group and 
 samples, the policy pass and the reference pass; the per-completion work is kept separate.
 
 Run:  python grpo.py                        (from runs/sft/latest, toy data, CPU)
-      torchrun --nproc_per_node=2 grpo.py   (prompts split over processes, one group per process)
+      torchrun --nproc_per_node=2 grpo.py   (prompts split over processes; each group stays on one)
 """
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(e))
     if args.group_size < 2:
         p.error("--group-size must be at least 2 (advantages compare answers within a group)")
+    if args.mu < 1 or args.micro_batch < 1 or args.temperature <= 0:
+        p.error("--mu and --micro-batch must be >= 1 and --temperature > 0")
     if args.max_new_tokens is None:
         args.max_new_tokens = {"detection": 400, "grounding": 96, "spatial": 24}[args.task]
     return args
@@ -123,6 +125,7 @@ class Rollouts:
     texts: list[str]  # decoded completions
     rewards: torch.Tensor  # (B*G,) weighted total reward
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # each reward, (B*G,)
+    pad_id: int = 0  # the tokenizer's padding id
     advantages: torch.Tensor | None = None  # (B*G,)
     old_logp: torch.Tensor | None = None  # (B*G, T) when mu > 1
 
@@ -191,7 +194,7 @@ def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cf
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     total, components = score(texts, records, args.weights, args.group_size)
-    return Rollouts(records, prompts, ids, mask, truncated, texts, total, components)
+    return Rollouts(records, prompts, ids, mask, truncated, texts, total, components, pad_id=tokenizer.pad_token_id)
 
 
 # =====================================================================================
@@ -302,7 +305,7 @@ def completion_logprobs(
     def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(t, (width - t.shape[1], 0), value=value)
 
-    input_ids = torch.cat([torch.cat([left_pad(p["input_ids"], 0) for p in prompts]), comp], 1)
+    input_ids = torch.cat([torch.cat([left_pad(p["input_ids"], ro.pad_id) for p in prompts]), comp], 1)
     attention = torch.cat([torch.cat([left_pad(p["attention_mask"], 0) for p in prompts]), torch.ones_like(comp)], 1)
     mm_types = torch.cat([torch.cat([left_pad(p["mm_token_type_ids"], 0) for p in prompts]), torch.zeros_like(comp)], 1)
     geometry = [p["geometry"] for p in prompts]
@@ -347,20 +350,22 @@ def update_policy(ddp_net, ref_net, ro: Rollouts, optimizer, params, banned, arg
             with torch.no_grad():
                 ref_logp = completion_logprobs(ref_net, ro, rows, banned, args.temperature,
                                                reuse_vision=not args.train_vision).cpu()
-        sync = isinstance(ddp_net, DDP) and i < len(chunks) - 1
-        with ddp_net.no_sync() if sync else torch.enable_grad():
+        skip_sync = isinstance(ddp_net, DDP) and i < len(chunks) - 1  # all-reduce on the last chunk only
+        with ddp_net.no_sync() if skip_sync else torch.enable_grad():
             logp = completion_logprobs(ddp_net, ro, rows, banned, args.temperature,
                                        reuse_vision=not args.train_vision).cpu()
             old = ro.old_logp[rows] if ro.old_logp is not None else logp.detach()
             loss, stats = grpo_loss(logp, old, ref_logp, ro.advantages[rows], mask, args.eps, args.eps_high,
                                     args.beta, args.loss_agg, normalizer=normalizer)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite GRPO loss ({loss.item()}) in micro-chunk {i}")
             (loss * d.world_size).backward()
         totals["loss"] += loss.item()
         totals["kl"] += stats["kl"] * stats["tokens"]
         totals["clip_frac"] += stats["clip_frac"] * stats["tokens"]
         totals["tokens"] += stats["tokens"]
+    # Sums over all processes, so every process takes the same decision below and logs agree.
+    totals = {k: runtime.all_reduce_sum(v, d) for k, v in totals.items()}
+    if not math.isfinite(totals["loss"]):
+        raise FloatingPointError(f"non-finite GRPO loss ({totals['loss']})")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):
         raise FloatingPointError("non-finite gradient norm")
@@ -416,21 +421,28 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
 
 def load_policy(args, d):
     """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint."""
-    latest = os.path.join(args.out, "latest")
+    latest = runtime.resolve_checkpoint(os.path.join(args.out, "latest"))
     source = latest if args.resume else args.init
     if args.resume and not os.path.isdir(latest):
         raise SystemExit(f"error: nothing to resume: {latest} does not exist")
-    if source != "toy" and not os.path.isdir(source):
-        hint = " (make it with: python sft.py)" if source == DEFAULT_INIT else ""
-        raise SystemExit(f"error: initial policy not found: {source}{hint}")
-    net, tokenizer, image_cfg = model_lib.load_model(source)
-    ref = None
-    if args.beta != 0:  # the reference is the *initial* policy, also when resuming
-        ref_source = args.init
-        ref = model_lib.load_model(ref_source)[0].to(d.device).eval()
-        for p in ref.parameters():
-            p.requires_grad = False
-    return net.to(d.device), ref, tokenizer, image_cfg
+    init = args.init
+    if args.resume:  # the reference stays the policy the run started from, whatever --init says now
+        with open(os.path.join(latest, runtime.STATE_FILE)) as f:
+            init = json.load(f)["args"]["init"]
+    for path in {source, init}:
+        if path != "toy" and not os.path.isdir(path):
+            hint = " (make it with: python sft.py)" if path == DEFAULT_INIT else ""
+            raise SystemExit(f"error: initial policy not found: {path}{hint}")
+    try:
+        net, tokenizer, image_cfg = model_lib.load_model(source)
+        ref = None
+        if args.beta != 0:
+            ref = model_lib.load_model(init)[0].to(d.device).eval()
+            for p in ref.parameters():
+                p.requires_grad = False
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    return net.to(d.device), ref, tokenizer, image_cfg, latest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -443,11 +455,11 @@ def main(argv: list[str] | None = None) -> None:
         records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
     except (FileNotFoundError, data.RecordError) as e:
         raise SystemExit(f"error: {e}")
-    net, ref, tokenizer, image_cfg = load_policy(args, d)
+    net, ref, tokenizer, image_cfg, latest = load_policy(args, d)
     params = runtime.trainable_parameters(net, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    latest = os.path.join(args.out, "latest")
     start_step = runtime.load_training_state(latest, optimizer)["step"] if args.resume else 0
+    latest = os.path.join(args.out, "latest")  # where checkpoints go
     ddp_net = DDP(net) if d.enabled else net
     banned = model_lib.special_token_ids(tokenizer)
 

@@ -12,9 +12,9 @@ data loader hands over (VGGT features for real data, per-patch 3D points for the
 This file offers:
 - `load_model(name_or_dir)`: "toy" builds a tiny Qwen2.5-VL-class model from a config, with a small
   tokenizer made offline; a directory loads a local Hugging Face checkpoint (never the hub).
-- `RFTModel`: the policy = the Hugging Face model + the geometry merger, with `encode_images`
-  (the per-prompt work: vision tower + geometry, done once and reusable), `forward` and `generate`.
-- `save_model(model, tokenizer, dir)`: safetensors weights, config and tokenizer in one directory
+- `RFTModel`: the policy = the Hugging Face model + the geometry merger, with `vision_tokens`
+  (the frozen ViT: per-prompt work, done once and reusable), `fuse_geometry`, `forward`, `generate`.
+- `save_model(model, tokenizer, image_config, dir)`: safetensors weights, config and tokenizer in one directory
   that `load_model` reads back.
 - `ImageConfig`: the numbers needed to turn frames into `pixel_values` by hand (transformers'
   Qwen2.5-VL image processor needs torchvision, which cannot be installed next to this torch).
@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as hf_logging
 
@@ -319,8 +319,7 @@ def build_toy_model(size: ToySize | None = None, seed: int = 0) -> tuple[RFTMode
     tokenizer = build_toy_tokenizer()
     torch.manual_seed(seed)
     lm = Qwen2_5_VLForConditionalGeneration(toy_config(tokenizer, size))
-    lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    lm.generation_config.eos_token_id = tokenizer.eos_token_id
+    use_chat_eos(lm, tokenizer)
     return RFTModel(lm, geometry_dim=size.geometry_dim), tokenizer, ImageConfig()
 
 
@@ -330,17 +329,22 @@ def build_toy_model(size: ToySize | None = None, seed: int = 0) -> tuple[RFTMode
 
 
 def load_model(
-    name_or_dir: str, geometry: bool | None = None, dtype: torch.dtype = torch.float32
+    name_or_dir: str,
+    geometry: bool | None = None,
+    geometry_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> tuple[RFTModel, PreTrainedTokenizerFast, ImageConfig]:
     """Return (model, tokenizer, image_config) for "toy" or a local checkpoint directory.
 
-    `geometry` switches the prior: None keeps what the checkpoint has (on for "toy"); True on a
-    checkpoint without a merger adds a fresh zero-initialised one (dimension from `rft3d.json` or
-    the toy default); False drops it. Nothing is ever downloaded (`local_files_only=True`).
+    `geometry` switches the prior: None keeps what the checkpoint has (on for "toy"); False drops
+    it; True on a checkpoint without a merger adds a fresh zero-initialised one, whose input size
+    `geometry_dim` (features per patch, e.g. 2048 for VGGT) must then be given. `seed` sets the
+    toy model's initial weights. Nothing is ever downloaded (`local_files_only=True`).
     """
     hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model of a few MB
     if name_or_dir == "toy":
-        model, tokenizer, image_config = build_toy_model()
+        model, tokenizer, image_config = build_toy_model(seed=seed)
         if geometry is False:
             model = RFTModel(model.lm, geometry_dim=0)
         return model.to(dtype), tokenizer, image_config
@@ -350,24 +354,47 @@ def load_model(
         raise FileNotFoundError(f"{name_or_dir!r} has no config.json: not a Hugging Face checkpoint folder")
     lm = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_dir, local_files_only=True, dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_dir, local_files_only=True)
+    use_chat_eos(lm, tokenizer)
     extra = {}
     extra_file = os.path.join(name_or_dir, RFT_CONFIG_FILE)
     if os.path.exists(extra_file):
         with open(extra_file) as f:
             extra = json.load(f)
     saved_dim = int(extra.get("geometry_dim", 0))
-    if geometry is None:
-        geometry_dim = saved_dim
+    if geometry is None or (geometry and saved_dim and geometry_dim in (None, saved_dim)):
+        dim = saved_dim
+    elif not geometry:
+        dim = 0
+    elif geometry_dim is None:
+        raise ValueError(f"{name_or_dir!r} has no geometry merger: give geometry_dim (features per patch)")
     else:
-        geometry_dim = (saved_dim or ToySize().geometry_dim) if geometry else 0
-    model = RFTModel(lm, geometry_dim=geometry_dim)
-    merger_file = os.path.join(name_or_dir, GEOMETRY_FILE)
-    if geometry_dim > 0 and geometry_dim == saved_dim and os.path.exists(merger_file):
+        dim = geometry_dim
+    model = RFTModel(lm, geometry_dim=dim)
+    if dim > 0 and dim == saved_dim:
+        merger_file = os.path.join(name_or_dir, GEOMETRY_FILE)
+        if not os.path.exists(merger_file):
+            raise FileNotFoundError(f"{merger_file} is missing although {RFT_CONFIG_FILE} says geometry_dim={saved_dim}")
         model.geometry_merger.load_state_dict(load_file(merger_file))
     image_config = image_config_from_dir(name_or_dir, lm.config)
     if "image_config" in extra:
         image_config = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra["image_config"].items()})
     return model.to(dtype), tokenizer, image_config
+
+
+def use_chat_eos(lm: Qwen2_5_VLForConditionalGeneration, tokenizer: PreTrainedTokenizerFast) -> None:
+    """One end-of-answer token everywhere: <|im_end|>, which closes an assistant turn.
+
+    SFT targets end with it, `generate` stops on it and GRPO's completion mask ends at it. A
+    checkpoint's own generation_config.json (e.g. a repetition penalty, several EOS ids) is
+    replaced by plain settings: sampling must follow exactly the distribution that training scores.
+    """
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    if eos is None or eos == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IM_END} token: not a Qwen2.5-style chat checkpoint")
+    tokenizer.eos_token = IM_END
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD_TOKEN
+    lm.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
 
 
 def save_model(model: RFTModel, tokenizer: PreTrainedTokenizerFast, image_config: ImageConfig, out_dir: str) -> None:

@@ -57,7 +57,8 @@ def setup_distributed(device: str = "auto") -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        # nccl for CUDA tensors, gloo for the few CPU scalars we all-reduce (token counts, logs)
+        dist.init_process_group("cpu:gloo,cuda:nccl")
         return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank))
     dist.init_process_group("gloo")
     return Dist(rank, world_size, local_rank, torch.device("cpu"))
@@ -137,8 +138,14 @@ def truncate_log(path: str, step: int) -> None:
     """On resume, drop log lines written after the checkpoint's step (they will be redone)."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) < step]
+        for line in f:
+            try:
+                if json.loads(line).get("step", -1) < step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash: dropped
+                continue
     with open(path, "w") as f:
         f.writelines(kept)
 
@@ -168,16 +175,23 @@ def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, op
         json.dump(state, f, indent=1)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
-        os.replace(path, old)
+        os.replace(path, old)  # a crash right here leaves `path.old`, which resolve_checkpoint finds
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """`path`, or `path.old` when a crash hit between the two renames of save_checkpoint."""
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        return path + ".old"
+    return path
 
 
 def load_training_state(path: str, optimizer) -> dict:
     """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict."""
     for name in (OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
         if not os.path.exists(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path} is not a resumable checkpoint (no {name})")
+            raise SystemExit(f"error: {path} is not a resumable checkpoint (no {name})")
     optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
     rng = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     torch.set_rng_state(rng["torch"])

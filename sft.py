@@ -139,11 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         records = load_training_records(args)
         latest = os.path.join(args.out, "latest")
-        source = latest if args.resume else args.model
-        if args.resume and not os.path.isdir(latest):
+        source = runtime.resolve_checkpoint(latest) if args.resume else args.model
+        if args.resume and not os.path.isdir(source):
             raise FileNotFoundError(f"nothing to resume: {latest} does not exist")
         geometry = {"auto": None, "on": True, "off": False}[args.geometry]
-        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry)
+        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed)
     except (FileNotFoundError, data.RecordError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     net.to(d.device)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
     if args.resume:
-        start_step = runtime.load_training_state(latest, optimizer)["step"]
+        start_step = runtime.load_training_state(source, optimizer)["step"]
     ddp_net = DDP(net) if d.enabled else net
 
     log_path = os.path.join(args.out, "metrics.jsonl")

@@ -190,3 +190,22 @@ def test_toy_model_runs_on_generated_scenes(tmp_path, toy):
         new = net.generate(prompts, max_new_tokens=6, do_sample=True, num_return_sequences=2,
                            suppress_tokens=model.special_token_ids(tokenizer))
         assert new.shape[0] == 2 * len(records)
+
+
+def test_records_without_task_key_take_it_from_the_file(tmp_path):
+    """Real VG LLM records carry no "task": the file name (or the task argument) supplies it."""
+    record = {"images": ["a.png"], "boxes": [],
+              "conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "[]"}]}
+    (tmp_path / "detection.jsonl").write_text(json.dumps(record) + "\n")
+    assert data.load_records(str(tmp_path / "detection.jsonl"))[0]["task"] == "detection"
+    assert data.load_records(str(tmp_path), "detection")[0]["task"] == "detection"
+
+
+def test_geometry_switch_on_a_checkpoint_needs_a_dimension(tmp_path, toy):
+    net, tokenizer, cfg = toy
+    plain = model.RFTModel(net.lm, geometry_dim=0)
+    model.save_model(plain, tokenizer, cfg, str(tmp_path))
+    with pytest.raises(ValueError, match="give geometry_dim"):
+        model.load_model(str(tmp_path), geometry=True)
+    loaded, _, _ = model.load_model(str(tmp_path), geometry=True, geometry_dim=6)
+    assert loaded.geometry_dim == 6

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The headline demo (DESIGN.md section 2), the paper's ablation in miniature, on a laptop CPU:
+#   synthetic data -> SFT -> { GRPO | more SFT for the same extra wall time } -> held-out evaluation
+# then a table (mean and range over 3 evaluation seeds) and the GRPO reward curve.
+# Every step is a plain script with its own --help; change the numbers here to scale it.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-.venv/bin/python}
+SFT_STEPS=${SFT_STEPS:-1500}        # supervised warm-up steps (batch 16)
+GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
+EVAL_LIMIT=${EVAL_LIMIT:-100}       # held-out detection records per evaluation seed
+start=$(date +%s)
+
+echo "== 1. synthetic world (train 500 scenes, held-out 50 scenes)"
+[ -f data/toy/val/detection.jsonl ] || $PY scenes.py --out data/toy --no-progress
+$PY scenes.py preview --data data/toy --out docs/preview.png
+
+echo "== 2. SFT warm-up"
+[ -f runs/sft/latest/trainer_state.json ] || $PY sft.py --out runs/sft --steps "$SFT_STEPS"
+
+echo "== 3. GRPO from the SFT checkpoint (timed)"
+t0=$(date +%s)
+$PY grpo.py --init runs/sft/latest --out runs/grpo --steps "$GRPO_STEPS"
+grpo_seconds=$(( $(date +%s) - t0 ))
+
+echo "== 4. SFT -> more SFT for the same wall time (${grpo_seconds}s)"
+# Steps that fit in GRPO's wall time at the measured SFT step time of step 2.
+sft_step_s=$($PY -c "import json; r=[json.loads(l) for l in open('runs/sft/metrics.jsonl')]; print(sorted(x['step_s'] for x in r)[len(r)//2])")
+more_steps=$($PY -c "print(max(1, int($grpo_seconds / $sft_step_s)))")
+$PY sft.py --model runs/sft/latest --out runs/sft_more --steps "$more_steps" --lr 5e-4 --warmup 10
+
+echo "== 5. held-out evaluation, 3 seeds each"
+for run in sft sft_more grpo; do
+  for seed in 0 1 2; do
+    $PY eval.py --model runs/$run/latest --data data/toy --split val --tasks detection \
+      --limit "$EVAL_LIMIT" --seed $seed --no-progress --out runs/$run/eval_seed$seed.json > /dev/null
+  done
+done
+
+echo "== 6. report"
+$PY report.py --runs "SFT=runs/sft,SFT -> more SFT=runs/sft_more,SFT -> GRPO=runs/grpo" \
+  --metrics "detection/F1@0.25,detection/P@0.25,detection/R@0.25,detection/F1@0.5,detection/format" \
+  --grpo-metrics runs/grpo/metrics.jsonl --plot docs/reward_curve.png | tee runs/report.md
+echo "total wall time: $(( $(date +%s) - start ))s"
