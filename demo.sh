@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
-SFT_STEPS=${SFT_STEPS:-1500}        # supervised warm-up steps (batch 16)
+SFT_STEPS=${SFT_STEPS:-1000}        # supervised warm-up steps (batch 16)
 GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
 EVAL_LIMIT=${EVAL_LIMIT:-100}       # held-out detection records per evaluation seed
 start=$(date +%s)
@@ -25,7 +25,7 @@ grpo_seconds=$(( $(date +%s) - t0 ))
 
 echo "== 4. SFT -> more SFT for the same wall time (${grpo_seconds}s)"
 # Steps that fit in GRPO's wall time at the measured SFT step time of step 2.
-sft_step_s=$($PY -c "import json; r=[json.loads(l) for l in open('runs/sft/metrics.jsonl')]; print(sorted(x['step_s'] for x in r)[len(r)//2])")
+sft_step_s=$($PY -c "import json; r=sorted(x['step_s'] for x in map(json.loads, open('runs/sft/metrics.jsonl')) if 'step_s' in x); print(r[len(r)//2])")
 more_steps=$($PY -c "print(max(1, int($grpo_seconds / $sft_step_s)))")
 $PY sft.py --model runs/sft/latest --out runs/sft_more --steps "$more_steps" --lr 5e-4 --warmup 10
 
