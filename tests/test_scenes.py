@@ -144,8 +144,8 @@ def test_detection_box_centres_project_inside_an_image(toy):
         k = np.asarray(r["cam2img"])
         labels = [b["label"] for b in r["boxes"]]
         assert set(labels) <= set(scenes.CATEGORY_NAMES)
-        dists = [np.linalg.norm(b["bbox_3d"][:3]) for b in r["boxes"]]
-        assert dists == sorted(dists)                                  # nearest first
+        keys = [(b["label"], np.linalg.norm(b["bbox_3d"][:3])) for b in r["boxes"]]
+        assert keys == sorted(keys)                                    # by label, then nearest first
         for box in r["boxes"]:
             inside = False
             for f in range(len(r["images"])):
