@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 SFT_STEPS=${SFT_STEPS:-1000}        # supervised warm-up steps (batch 16)
-GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
+GRPO_STEPS=${GRPO_STEPS:-40}        # GRPO steps (8 prompts x G=8 completions)
 EVAL_LIMIT=${EVAL_LIMIT:-100}       # held-out detection records per evaluation seed
 start=$(date +%s)
 

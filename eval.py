@@ -343,7 +343,8 @@ def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], bat
 
     net = getattr(net, "module", net)  # DistributedDataParallel keeps the model in .module
     device = next(net.parameters()).device
-    suppress = model_lib.special_token_ids(tokenizer)  # a young policy samples them otherwise
+    # Special tokens are suppressed: a young policy samples them otherwise.
+    suppress = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
     was_training = net.training
     net.eval()
     completions: list[str] = []

@@ -84,16 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--train-vision", action="store_true", help="also train the ViT (frozen in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and of the sampling")
-    # bookkeeping
-    p.add_argument("--log-every", type=int, default=1, help="steps between metric lines")
+    runtime.add_run_arguments(p, log_every=1, save_every=20)
     p.add_argument("--sample-every", type=int, default=10, help="steps between logged sample completions")
-    p.add_argument("--save-every", type=int, default=20, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
-    p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest exactly")
-    p.add_argument("--stop-after", type=int, default=None, help="end this run after this step")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
     try:
         args.weights = rewards.parse_weights(args.reward) if args.reward else dict(rewards.TASK_REWARDS[args.task])
@@ -182,7 +174,7 @@ def score(texts: list[str], records: list[dict], weights: dict[str, float], grou
 def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cfg, args, device) -> Rollouts:
     """Sample a group per prompt, pad the completions to one length, mask after EOS, score."""
     net.eval()
-    banned = model_lib.special_token_ids(tokenizer)
+    banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
     prompts, groups = [], []
     for record, seed in zip(records, step_seeds):
         prompt = prepare_prompt(net, record, tokenizer, image_cfg, device)
@@ -461,20 +453,12 @@ def main(argv: list[str] | None = None) -> None:
     start_step = runtime.load_training_state(latest, optimizer)["step"] if args.resume else 0
     latest = os.path.join(args.out, "latest")  # where checkpoints go
     ddp_net = DDP(net) if d.enabled else net
-    banned = model_lib.special_token_ids(tokenizer)
+    banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
 
-    paths = {name: os.path.join(args.out, f"{name}.jsonl") for name in ("metrics", "samples")}
+    logger, sample_logger = runtime.open_logs(args.out, ("metrics", "samples"), args.resume, start_step, d.master)
     if d.master:
-        os.makedirs(args.out, exist_ok=True)
-        for path in paths.values():
-            if args.resume:
-                runtime.truncate_log(path, start_step)
-            elif os.path.exists(path):
-                os.remove(path)
         print(f"GRPO on {args.task}: {len(records)} prompts, G={args.group_size}, rewards {args.weights}, "
               f"beta={args.beta}, {d.world_size} process(es), from step {start_step}")
-    logger = runtime.JsonlLogger(paths["metrics"], enabled=d.master)
-    sample_logger = runtime.JsonlLogger(paths["samples"], enabled=d.master)
 
     end_step = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="grpo",

@@ -418,17 +418,21 @@ def save_model(model: RFTModel, tokenizer: PreTrainedTokenizerFast, image_config
         json.dump({"geometry_dim": model.geometry_dim, "image_config": asdict(image_config)}, f, indent=1)
 
 
-def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """Ids a completion must never contain (all special tokens except EOS).
+def special_token_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None) -> list[int]:
+    """Ids a completion must never contain: all special tokens except EOS, and padding rows.
 
     A randomly initialised or young policy samples them otherwise; `generate` suppresses them and
     the training log-probs mask the same logits, so sampling and scoring use one distribution.
+    `vocab_size` (the model's output size) adds the ids past the tokenizer's vocabulary: a real
+    Qwen2.5-VL has 151,936 output rows for a tokenizer of 151,665 tokens.
     """
     eos = tokenizer.eos_token_id
     ids = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
     unk = tokenizer.unk_token_id
     if unk is not None:
         ids.add(unk)
+    if vocab_size is not None:
+        ids |= set(range(len(tokenizer), vocab_size))
     return sorted(i for i in ids if i is not None and i != eos and i >= 0)
 
 

@@ -108,6 +108,24 @@ def shard(indices: list, rank: int, world_size: int) -> list:
 
 
 # =====================================================================================
+# Flags every training script shares
+# =====================================================================================
+
+
+def add_run_arguments(p, log_every: int, save_every: int) -> None:
+    """Bookkeeping flags of sft.py and grpo.py: logs, checkpoints, evaluation, resume, device."""
+    p.add_argument("--log-every", type=int, default=log_every, help="steps between metric lines")
+    p.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
+    p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/latest exactly")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end this run after this step (schedules still span --steps)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+# =====================================================================================
 # Schedule and logs
 # =====================================================================================
 
@@ -132,6 +150,21 @@ class JsonlLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def open_logs(out: str, names: tuple[str, ...], resume: bool, start_step: int, master: bool) -> list[JsonlLogger]:
+    """One JSON-lines logger per name under `out`: fresh files, or on resume cut back to start_step."""
+    loggers = []
+    for name in names:
+        path = os.path.join(out, f"{name}.jsonl")
+        if master:
+            os.makedirs(out, exist_ok=True)
+            if resume:
+                truncate_log(path, start_step)
+            elif os.path.exists(path):
+                os.remove(path)
+        loggers.append(JsonlLogger(path, enabled=master))
+    return loggers
 
 
 def truncate_log(path: str, step: int) -> None:

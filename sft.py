@@ -59,15 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the initialisation")
-    # bookkeeping
-    p.add_argument("--log-every", type=int, default=10, help="steps between metric lines")
-    p.add_argument("--save-every", type=int, default=250, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
-    p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest exactly")
-    p.add_argument("--stop-after", type=int, default=None, help="end this run after this step (the schedule still spans --steps)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    runtime.add_run_arguments(p, log_every=10, save_every=250)
     args = p.parse_args(argv)
     if args.batch_size % args.micro_batch and args.micro_batch < args.batch_size:
         p.error("--batch-size must be a multiple of --micro-batch")
@@ -155,14 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         start_step = runtime.load_training_state(source, optimizer)["step"]
     ddp_net = DDP(net) if d.enabled else net
 
-    log_path = os.path.join(args.out, "metrics.jsonl")
-    if d.master:
-        os.makedirs(args.out, exist_ok=True)
-        if args.resume:
-            runtime.truncate_log(log_path, start_step)
-        elif os.path.exists(log_path):
-            os.remove(log_path)
-    logger = runtime.JsonlLogger(log_path, enabled=d.master)
+    (logger,) = runtime.open_logs(args.out, ("metrics",), args.resume, start_step, d.master)
     if d.master:
         print(f"SFT: {len(records)} records ({', '.join(args.tasks)}), {model_lib.count_parameters(net) / 1e6:.2f} M parameters "
               f"({sum(p.numel() for p in params) / 1e6:.2f} M trained), {d.world_size} process(es), from step {start_step}")
