@@ -502,18 +502,7 @@ def main(argv: list[str] | None = None) -> None:
                 sample_logger.log({"step": step, "samples": [
                     {"id": ro.records[i // args.group_size].get("id"), "reward": float(ro.rewards[i]), "text": ro.texts[i]}
                     for i in range(0, len(ro.texts), args.group_size)]})
-        done = step + 1
-        if done % args.save_every == 0 or done == end_step:
-            if d.master:
-                runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, {"step": done, "args": vars(args)})
-            if d.enabled:
-                dist.barrier()
-        if args.eval_every and done % args.eval_every == 0 and d.master:
-            import eval as evaluation
-
-            result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=(args.task,),
-                                         limit=args.eval_limit, progress=False)
-            logger.log({"step": step, "eval": result})
+        runtime.end_of_step(step, end_step, args, d, net, tokenizer, image_cfg, optimizer, logger, (args.task,))
     bar.close()
     runtime.cleanup_distributed(d)
 

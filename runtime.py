@@ -220,6 +220,28 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def end_of_step(step: int, end_step: int, args, d: Dist, net, tokenizer, image_cfg, optimizer,
+                logger: JsonlLogger, tasks) -> None:
+    """After optimiser step `step`: the periodic held-out evaluation, then the periodic checkpoint.
+
+    The evaluation comes first so that its log line is covered by the checkpoint that follows
+    (on resume, lines after the checkpoint's step are dropped and redone).
+    """
+    done = step + 1
+    if args.eval_every and done % args.eval_every == 0 and d.master:
+        import eval as evaluation
+
+        result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=tuple(tasks),
+                                     limit=args.eval_limit, progress=False)
+        logger.log({"step": step, "eval": result})
+    if done % args.save_every == 0 or done == end_step:
+        if d.master:
+            save_checkpoint(os.path.join(args.out, "latest"), net, tokenizer, image_cfg, optimizer,
+                            {"step": done, "args": vars(args)})
+        if d.enabled:
+            dist.barrier()
+
+
 def load_training_state(path: str, optimizer) -> dict:
     """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict."""
     for name in (OPTIMIZER_FILE, STATE_FILE, RNG_FILE):

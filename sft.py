@@ -178,19 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             if step % args.log_every == 0 or step == end_step - 1:
                 logger.log({"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": float(grad_norm),
                             "tokens_per_s": round(global_tokens / seconds, 1), "step_s": round(seconds, 3)})
-        done = step + 1
-        if done % args.save_every == 0 or done == end_step:
-            if d.master:
-                runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer,
-                                        {"step": done, "args": {k: v for k, v in vars(args).items()}})
-            if d.enabled:
-                torch.distributed.barrier()
-        if args.eval_every and done % args.eval_every == 0 and d.master:
-            import eval as evaluation
-
-            metrics = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
-                                          limit=args.eval_limit, progress=False)
-            logger.log({"step": step, "eval": metrics})
+        runtime.end_of_step(step, end_step, args, d, net, tokenizer, image_cfg, optimizer, logger, args.tasks)
     bar.close()
     runtime.cleanup_distributed(d)
 
