@@ -447,12 +447,18 @@ def main(argv: list[str] | None = None) -> None:
         records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
     except (FileNotFoundError, data.RecordError) as e:
         raise SystemExit(f"error: {e}")
+    # The policy starts from the SFT checkpoint; the reference (for the KL term) is a frozen copy
+    # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
+    # geometry merger learn.
     net, ref, tokenizer, image_cfg, latest = load_policy(args, d)
     params = runtime.trainable_parameters(net, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start_step = runtime.load_training_state(latest, optimizer)["step"] if args.resume else 0
     latest = os.path.join(args.out, "latest")  # where checkpoints go
+    # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
+    # DDP so that gradients are averaged over processes.
     ddp_net = DDP(net) if d.enabled else net
+    # Token ids that are neither sampled nor scored (special tokens, unused output rows).
     banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
 
     logger, sample_logger = runtime.open_logs(args.out, ("metrics", "samples"), args.resume, start_step, d.master)
@@ -464,10 +470,13 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="grpo",
                initial=start_step, total=args.steps)
     for step in bar:
+        # A short linear warm-up, then a constant learning rate (the usual GRPO schedule).
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for group in optimizer.param_groups:
             group["lr"] = lr
         # ---- 1. rollouts (this process's share of the step's prompts; whole groups only)
+        # The step's prompts are a function of (seed, step), and each prompt's sampling seed a
+        # function of (seed, step, prompt): any number of processes sees the same samples.
         t0 = time.time()
         indices = runtime.step_indices(step, args.prompts_per_step, len(records), args.seed)
         positions = runtime.shard(list(range(args.prompts_per_step)), d.rank, d.world_size)
@@ -475,12 +484,16 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [prompt_seed(args.seed, step, i) for i in positions]
         ro = rollout(net, mine, seeds, tokenizer, image_cfg, args, d.device)
         rollout_s = time.time() - t0
-        # ---- 2. advantages
+        # ---- 2. advantages: each completion against the others of its group (no value network)
         ro.advantages = group_advantages(ro.rewards, args.group_size, scale=args.scale_rewards == "group")
         # ---- 3. policy update(s)
+        # The loss is a mean over the completion tokens (or sequences) of the *global* batch, so the
+        # denominator is summed over processes before any micro-chunk is scored.
         t1 = time.time()
         count = ro.completion_mask.sum() if args.loss_agg == "token-mean" else ro.completion_mask.shape[0]
         normalizer = runtime.all_reduce_sum(float(count), d)
+        # With several passes over one rollout batch the policy drifts from the one that sampled:
+        # its log-probs are frozen first, so later passes measure the ratio r against them.
         if args.mu > 1:
             ro.old_logp = old_logprobs(net, ro, banned, args)
         try:
@@ -491,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"(last good checkpoint: {latest}); try a lower --lr") from None
         update_s = time.time() - t1
         # ---- logging (rank 0), checkpoints, held-out evaluation
+        # Rollout statistics are gathered from every process; only rank 0 writes them.
         metrics = step_metrics(ro, d, args.group_size)
         generated = runtime.all_reduce_sum(float(ro.completion_mask.sum()), d)
         if d.master:

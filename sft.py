@@ -139,12 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, data.RecordError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     net.to(d.device)
+    # The toy ViT starts random, so it must learn too; a real checkpoint's ViT stays frozen (paper).
     train_vision = args.train_vision == "yes" or (args.train_vision == "auto" and args.model == "toy")
     params = runtime.trainable_parameters(net, train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
     if args.resume:
         start_step = runtime.load_training_state(source, optimizer)["step"]
+    # DDP averages gradients over processes on the last micro-batch's backward (see train_step).
     ddp_net = DDP(net) if d.enabled else net
 
     (logger,) = runtime.open_logs(args.out, ("metrics",), args.resume, start_step, d.master)
@@ -157,16 +159,21 @@ def main(argv: list[str] | None = None) -> None:
     micro = min(args.micro_batch, args.batch_size // d.world_size)
     for step in bar:
         t0 = time.time()
+        # The learning rate is a pure function of the step: a resumed run continues the same curve.
         lr = runtime.lr_at(step, args.lr, args.steps, args.warmup, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # This process's slice of the step's global batch, cut into micro-batches.
         mine = runtime.shard(runtime.step_indices(step, args.batch_size, len(records), args.seed), d.rank, d.world_size)
         batches = [data.collate([records[i] for i in mine[j:j + micro]], tokenizer, image_cfg)
                    for j in range(0, len(mine), micro)]
+        # N_answer of the module docstring: answer tokens of the whole global batch.
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         global_tokens = runtime.all_reduce_sum(local_tokens, d)
         loss_sum = train_step(ddp_net, batches, global_tokens, d.world_size, d.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        # The logged loss is the global-batch mean; a NaN stops the run before the optimiser step,
+        # so the last checkpoint stays the last good state.
         loss = runtime.all_reduce_sum(loss_sum, d) / global_tokens
         if not np.isfinite(loss):
             raise SystemExit(f"error: non-finite loss at step {step}; lower --lr (no checkpoint written for this step)")
