@@ -377,6 +377,11 @@ def load_visual_inputs(record: dict, image_cfg) -> tuple[torch.Tensor, torch.Ten
     return pixel_values, grids, geometry
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device`; other entries (None geometry) as they are."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def collate(records: Sequence[dict], tokenizer, image_cfg, with_answer: bool = True) -> dict:
     """Build one model batch from records.
 
@@ -384,8 +389,8 @@ def collate(records: Sequence[dict], tokenizer, image_cfg, with_answer: bool = T
     `loss_mask` is 1 on answer tokens (the completion, EOS included) and 0 on the prompt, the
     visual tokens and padding: the SFT loss of DESIGN.md section 1 uses only the answer.
     Returns input_ids, attention_mask, mm_token_type_ids, loss_mask (B, L); pixel_values,
-    image_grid_thw, geometry (all frames of the batch, in order); `prompt_len` (the padded prompt
-    length, the completion starts there when with_answer=False).
+    image_grid_thw, geometry (all frames of the batch, in order). With with_answer=False the
+    completion starts at column input_ids.shape[1].
     """
     from model import IMAGE_PAD
 
@@ -416,6 +421,5 @@ def collate(records: Sequence[dict], tokenizer, image_cfg, with_answer: bool = T
         "pixel_values": torch.cat(pixels),
         "image_grid_thw": torch.cat(grids),
         "geometry": None if any(g is None for g in geometries) else torch.cat(geometries),
-        "prompt_len": length,
     }
     return batch

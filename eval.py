@@ -174,7 +174,7 @@ def check_lengths(records: Sequence[dict], completions: Sequence[str]) -> None:
 
 def category(label: Any) -> str:
     """The category key of a label: the normalisation rewards.match_detections applies."""
-    return str(label).strip().lower()
+    return rewards.norm_label(label)
 
 
 def predicted_boxes(completion: str) -> list[dict]:
@@ -322,11 +322,6 @@ def score(task: str, records: Sequence[dict], completions: Sequence[str]) -> dic
 # =====================================================================================
 
 
-def move_to(batch: dict, device: Any) -> dict:
-    """The batch's tensors on `device` (other entries, such as prompt_len, as they are)."""
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-
-
 def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], batch_size: int = 8,
                          max_new_tokens: int = 64, progress: bool = True) -> list[str]:
     """Greedy completions of the records' prompts, in order, as text (tags kept, EOS dropped).
@@ -353,7 +348,7 @@ def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], bat
                                    disable=not progress, file=sys.stderr) as bar:
             for start in range(0, len(records), batch_size):
                 chunk = records[start:start + batch_size]
-                batch = move_to(data.collate(chunk, tokenizer, image_cfg, with_answer=False), device)
+                batch = data.to_device(data.collate(chunk, tokenizer, image_cfg, with_answer=False), device)
                 new_ids = net.generate(batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        suppress_tokens=suppress)
                 # skip_special_tokens drops EOS and padding; <think>/<answer> are ordinary tokens

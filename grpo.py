@@ -138,8 +138,7 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch
 
 def prepare_prompt(net: model_lib.RFTModel, record: dict, tokenizer, image_cfg, device) -> dict:
     """The per-prompt work, done once per group: tokenised prompt + frozen ViT output of its frames."""
-    batch = data.collate([record], tokenizer, image_cfg, with_answer=False)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = data.to_device(data.collate([record], tokenizer, image_cfg, with_answer=False), device)
     with torch.no_grad():
         batch["vision"] = net.vision_tokens(batch["pixel_values"], batch["image_grid_thw"])
     return batch
@@ -434,7 +433,7 @@ def load_policy(args, d):
                 p.requires_grad = False
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    return net.to(d.device), ref, tokenizer, image_cfg, latest
+    return net.to(d.device), ref, tokenizer, image_cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -450,11 +449,12 @@ def main(argv: list[str] | None = None) -> None:
     # The policy starts from the SFT checkpoint; the reference (for the KL term) is a frozen copy
     # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
     # geometry merger learn.
-    net, ref, tokenizer, image_cfg, latest = load_policy(args, d)
+    net, ref, tokenizer, image_cfg = load_policy(args, d)
     params = runtime.trainable_parameters(net, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    start_step = runtime.load_training_state(latest, optimizer)["step"] if args.resume else 0
     latest = os.path.join(args.out, "latest")  # where checkpoints go
+    resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
+    start_step = runtime.load_training_state(resume_from, optimizer)["step"] if args.resume else 0
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
     # DDP so that gradients are averaged over processes.
     ddp_net = DDP(net) if d.enabled else net

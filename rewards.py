@@ -628,7 +628,7 @@ NUMERIC_TYPES = frozenset({"object_counting", "object_abs_distance", "object_siz
 _MRA_PERCENT = tuple(range(50, 100, 5))
 
 
-def _norm_label(label: Any) -> str:
+def norm_label(label: Any) -> str:
     """Labels compare after stripping whitespace and lower-casing ("Chair " == "chair")."""
     return str(label).strip().lower()
 
@@ -644,11 +644,11 @@ def match_detections(pred: Sequence[dict], gt: Sequence[dict],
     prediction of an already matched box is a false positive. Items are {"label", "bbox_3d"}.
     """
     gt_prep = [_prepare_box(g.get("bbox_3d")) for g in gt]
-    gt_label = [_norm_label(g.get("label")) for g in gt]
+    gt_label = [norm_label(g.get("label")) for g in gt]
     used = [False] * len(gt)
     tp = fp = 0
     for p in pred:
-        p_prep, p_label = _prepare_box(p.get("bbox_3d")), _norm_label(p.get("label"))
+        p_prep, p_label = _prepare_box(p.get("bbox_3d")), norm_label(p.get("label"))
         best_iou, best_j = -1.0, -1
         for j, g_prep in enumerate(gt_prep):
             if used[j] or gt_label[j] != p_label:

@@ -87,10 +87,6 @@ def answer_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
     return (token_loss.view_as(mask) * mask).sum()
 
 
-def device_batch(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def train_step(net, batches: list[dict], global_tokens: float, world_size: int, device) -> float:
     """Forward/backward over this process's micro-batches; returns the summed answer-token loss.
 
@@ -99,7 +95,7 @@ def train_step(net, batches: list[dict], global_tokens: float, world_size: int, 
     """
     total = 0.0
     for i, batch in enumerate(batches):
-        batch = device_batch(batch, device)
+        batch = data.to_device(batch, device)
         last = i == len(batches) - 1
         context = net.no_sync() if isinstance(net, DDP) and not last else torch.enable_grad()
         with context:
