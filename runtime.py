@@ -73,12 +73,15 @@ def all_reduce_sum(value: float, d: Dist) -> float:
     """Sum a number over processes (identity in a single process)."""
     if not d.enabled:
         return float(value)
+    # float64 on the CPU: token counts and loss sums stay exact, and gloo carries CPU tensors
+    # (the process group pairs gloo for CPU with nccl for CUDA).
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t.item())
 
 
 def seed_everything(seed: int) -> None:
+    # Python, numpy and torch each keep their own generator; all three are seeded and saved.
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -203,6 +206,7 @@ def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, op
     model_lib.save_model(net, tokenizer, image_cfg, tmp)
     torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # Optimiser moments and RNG states are not model weights: torch.save keeps their exact types.
     torch.save(rng, os.path.join(tmp, RNG_FILE))
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
