@@ -144,18 +144,61 @@ def prepare_prompt(net: model_lib.RFTModel, record: dict, tokenizer, image_cfg, 
     return batch
 
 
-@torch.no_grad()
-def sample_group(net: model_lib.RFTModel, prompt: dict, args, banned: list[int], seed: int) -> torch.Tensor:
-    """G completions of one prompt in one batched, KV-cached `generate`; returns (G, new_tokens).
+def stack_prompts(prompts: list[dict], pad_id: int) -> dict:
+    """Several prepared prompts as one left-padded batch (their visual tokens concatenated in order).
 
-    The sampling seed depends only on (run seed, step, prompt), so the same prompt gets the same
-    samples whether the step runs in one process or is split over several.
+    Used for sampling (all the step's groups in one `generate`) and for scoring completions.
     """
-    torch.manual_seed(seed)
-    embeds = net.fuse_geometry(prompt["vision"], prompt["image_grid_thw"], prompt.get("geometry"))
+    width = max(p["input_ids"].shape[1] for p in prompts)
+
+    def left_pad(key: str, value: int) -> torch.Tensor:
+        return torch.cat([F.pad(p[key], (width - p[key].shape[1], 0), value=value) for p in prompts])
+
+    geometry = [p["geometry"] for p in prompts]
+    return {
+        "input_ids": left_pad("input_ids", pad_id),
+        "attention_mask": left_pad("attention_mask", 0),
+        "mm_token_type_ids": left_pad("mm_token_type_ids", 0),
+        "image_grid_thw": torch.cat([p["image_grid_thw"] for p in prompts]),
+        "vision": torch.cat([p["vision"] for p in prompts]),
+        "geometry": None if geometry[0] is None else torch.cat(geometry),
+    }
+
+
+def row_sampler(seeds: list[int], temperature: float):
+    """A logits processor that makes greedy decoding sample, each row from its own random stream.
+
+    Gumbel-max: argmax(logits / T + g) with g = -log(-log(U)), U ~ Uniform(0, 1), is a sample from
+    softmax(logits / T). Drawing g from one generator per row (rather than torch's global one)
+    makes a completion depend only on its own seed, not on which other prompts share the batch:
+    one process or several, the same prompt gets the same samples. Suppressed tokens arrive as
+    -inf and stay -inf.
+    """
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def process(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        return scores / temperature + gumbel.to(scores.device, scores.dtype)
+
+    return process
+
+
+@torch.no_grad()
+def sample_groups(net: model_lib.RFTModel, prompts: list[dict], args, banned: list[int],
+                  seeds: list[int], pad_id: int) -> torch.Tensor:
+    """G completions of every prompt in one batched, KV-cached `generate`; (B*G, new_tokens).
+
+    Each prompt (and its visual tokens, computed once in prepare_prompt) is repeated G times,
+    rows prompt-major (row = b * G + g). Decoding is greedy over logits that row_sampler has
+    perturbed, which samples; row b * G + g draws from the seed (seeds[b], g).
+    """
+    batch = stack_prompts([p for p in prompts for _ in range(args.group_size)], pad_id)
+    embeds = net.fuse_geometry(batch["vision"], batch["image_grid_thw"], batch["geometry"])
+    row_seeds = [int(np.random.default_rng([s, g]).integers(2**63)) for s in seeds for g in range(args.group_size)]
     return net.generate(
-        prompt, image_embeds=embeds, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-        num_return_sequences=args.group_size, max_new_tokens=args.max_new_tokens, suppress_tokens=banned,
+        batch, image_embeds=embeds, do_sample=False, max_new_tokens=args.max_new_tokens, suppress_tokens=banned,
+        logits_processor=[row_sampler(row_seeds, args.temperature)],
     )
 
 
@@ -174,13 +217,8 @@ def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cf
     """Sample a group per prompt, pad the completions to one length, mask after EOS, score."""
     net.eval()
     banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
-    prompts, groups = [], []
-    for record, seed in zip(records, step_seeds):
-        prompt = prepare_prompt(net, record, tokenizer, image_cfg, device)
-        prompts.append(prompt)
-        groups.append(sample_group(net, prompt, args, banned, seed).cpu())
-    width = max(g.shape[1] for g in groups)
-    ids = torch.cat([F.pad(g, (0, width - g.shape[1]), value=tokenizer.pad_token_id) for g in groups])
+    prompts = [prepare_prompt(net, record, tokenizer, image_cfg, device) for record in records]
+    ids = sample_groups(net, prompts, args, banned, step_seeds, tokenizer.pad_token_id).cpu()
     mask, truncated = completion_mask(ids, tokenizer.eos_token_id)
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -288,30 +326,23 @@ def completion_logprobs(
     the scored distribution is the one that was sampled.
     """
     G = ro.completion_ids.shape[0] // len(ro.prompts)
-    prompts = [ro.prompts[r // G] for r in rows]
-    width = max(p["input_ids"].shape[1] for p in prompts)
-    device = prompts[0]["input_ids"].device
-    comp = ro.completion_ids[rows].to(device)
-
-    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (width - t.shape[1], 0), value=value)
-
-    input_ids = torch.cat([torch.cat([left_pad(p["input_ids"], ro.pad_id) for p in prompts]), comp], 1)
-    attention = torch.cat([torch.cat([left_pad(p["attention_mask"], 0) for p in prompts]), torch.ones_like(comp)], 1)
-    mm_types = torch.cat([torch.cat([left_pad(p["mm_token_type_ids"], 0) for p in prompts]), torch.zeros_like(comp)], 1)
-    geometry = [p["geometry"] for p in prompts]
+    batch = stack_prompts([ro.prompts[r // G] for r in rows], ro.pad_id)
+    width = batch["input_ids"].shape[1]
+    comp = ro.completion_ids[rows].to(batch["input_ids"].device)
     logits = net(
-        input_ids=input_ids, attention_mask=attention, mm_token_type_ids=mm_types,
-        image_grid_thw=torch.cat([p["image_grid_thw"] for p in prompts]),
-        vision=torch.cat([p["vision"] for p in prompts]) if reuse_vision else None,
-        pixel_values=None if reuse_vision else torch.cat([p["pixel_values"] for p in prompts]),
-        geometry=None if geometry[0] is None else torch.cat(geometry),
+        input_ids=torch.cat([batch["input_ids"], comp], 1),
+        attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(comp)], 1),
+        mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
+        image_grid_thw=batch["image_grid_thw"],
+        vision=batch["vision"] if reuse_vision else None,
+        pixel_values=None if reuse_vision else torch.cat([ro.prompts[r // G]["pixel_values"] for r in rows]),
+        geometry=batch["geometry"],
     )[:, width - 1:-1].float()
     logits[..., banned] = -float("inf")
     logp = torch.log_softmax(logits / temperature, dim=-1)
     # Padding after EOS is a banned token (log-prob -inf); it is masked out of the loss, and set
     # to 0 here so that 0 * -inf never turns the masked sum into NaN.
-    mask = ro.completion_mask[rows].to(device).bool()
+    mask = ro.completion_mask[rows].to(comp.device).bool()
     return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
 
 

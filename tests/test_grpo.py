@@ -139,6 +139,41 @@ def test_completion_mask_stops_at_first_eos():
     assert mask.tolist() == [[1, 1, 1]] and truncated.tolist() == [True]
 
 
+# ----------------------------------------------------------------------------- sampling
+
+def test_row_sampler_draws_from_the_softmax():
+    """Gumbel-max per row: token frequencies match softmax(logits / T), an independent computation."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -float("inf")]])
+    T, n = 0.7, 20000
+    sampler = grpo.row_sampler([123], temperature=T)
+    counts = torch.zeros(4)
+    for _ in range(n):
+        counts[sampler(None, logits.clone()).argmax()] += 1
+    expected = torch.softmax(logits / T, -1)[0]
+    assert counts[3] == 0  # a suppressed token is never drawn
+    assert (counts / n).tolist() == pytest.approx(expected.tolist(), abs=0.015)
+
+
+def test_samples_do_not_depend_on_the_batch(data_dir):
+    """All groups of a step in one generate: each group still gets the samples of its own seed."""
+    import data
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
+    args = grpo.parse_args(["--group-size", "3", "--max-new-tokens", "10"])
+    banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
+    pad = tokenizer.pad_token_id
+    both = grpo.sample_groups(net, prompts, args, banned, [11, 22], pad)
+    first = grpo.sample_groups(net, prompts[:1], args, banned, [11], pad)
+    second = grpo.sample_groups(net, prompts[1:], args, banned, [22], pad)
+    width = both.shape[1]
+    pad_to = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)
+    assert torch.equal(both, torch.cat([pad_to(first), pad_to(second)]))
+    assert not torch.equal(both[0], both[1])  # the G samples of a group differ
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def digit_share(completion: str, record: dict) -> float:
@@ -238,7 +273,7 @@ def test_padding_after_eos_gives_finite_logprobs(data_dir, monkeypatch):
     records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=1)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     fixed = torch.tensor([[5, 6, eos, pad], [7, eos, pad, pad], [5, 5, 5, 5], [eos, pad, pad, pad]])
-    monkeypatch.setattr(grpo, "sample_group", lambda *a, **k: fixed.clone())
+    monkeypatch.setattr(grpo, "sample_groups", lambda *a, **k: fixed.clone())
     args = grpo.parse_args(["--group-size", "4", "--reward", "format=1"])
     ro = grpo.rollout(net, records, [0], tokenizer, cfg, args, torch.device("cpu"))
     assert ro.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
