@@ -48,6 +48,12 @@ FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 # The toy tokenizer also keeps the fixed JSON pieces of answers whole: shorter completions make
 # CPU rollouts cheaper (a real Qwen tokenizer has its own merges for them).
 TOY_JSON_PIECES = ['{"label":"', '","bbox_3d":[', "]}", '{"frame":', ',"bbox_3d":[']
+# ...and writes every answer number (2 decimals, data.format_number) as exactly two tokens: the
+# signed integer part with its point ("-0.", "2.") and the two decimals ("05"). Fixed-width
+# numbers put the k-th box coordinate at a fixed token offset from "[", which a 4-layer model
+# can find by relative position; with one token per character a minus sign shifted every
+# later coordinate by one. Added tokens match leftmost-longest, so "2.05" -> "2." + "05".
+TOY_NUMBER_PIECES = [f"{sign}{i}." for sign in ("", "-") for i in range(10)] + [f"{i:02d}" for i in range(100)]
 
 GEOMETRY_FILE = "geometry_merger.safetensors"  # saved next to the Hugging Face weights
 RFT_CONFIG_FILE = "rft3d.json"  # what this project adds to a checkpoint (geometry dim, image config)
@@ -269,7 +275,7 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
                                   initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.add_tokens(FORMAT_TAGS + TOY_JSON_PIECES)
+    tok.add_tokens(FORMAT_TAGS + TOY_JSON_PIECES + TOY_NUMBER_PIECES)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token=PAD_TOKEN, eos_token=IM_END,
         additional_special_tokens=SPECIAL_TOKENS[1:],

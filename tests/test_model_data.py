@@ -133,6 +133,18 @@ def test_tokenizer_round_trips_and_keeps_words_whole(toy):
     assert tokenizer.decode(tokenizer("§ weird ünïcode")["input_ids"], skip_special_tokens=True) != ""
 
 
+def test_answer_numbers_are_two_tokens_each(toy):
+    """Every 2-decimal answer number is "<signed integer>." + "<two decimals>", whatever its sign."""
+    _, tokenizer, _ = toy
+    for value in (0.0, -0.05, 1.8, 3.27, -9.99, 9.5):
+        text = data.format_number(value)
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert pieces == [text[:-2], text[-2:]], (value, pieces)
+    box = '","bbox_3d":[1.68,-0.05,1.80,0.94,1.29,0.52,0.00,0.44,-0.31]}'
+    ids = tokenizer(box, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1 + 9 * 2 + 8 + 1 and tokenizer.decode(ids) == box  # piece, numbers, commas, "]}"
+
+
 def test_forward_and_generate_agree(tmp_path, toy):
     """Greedy generation and a teacher-forced forward pass give the same tokens (positions agree)."""
     net, tokenizer, cfg = toy
