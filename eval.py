@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random subset chosen by --limit (decoding is greedy, so it is "
                         "the only randomness)")
     # how to run
-    p.add_argument("--batch-size", default=8, type=int,  # prompts decoded together
+    p.add_argument("--batch-size", default=32, type=int,  # prompts decoded together
                    help="prompts per generate() call")
     p.add_argument("--max-new-tokens", default=None, type=int,  # None = DEFAULT_MAX_NEW_TOKENS
                    help="completion length limit (default per task: "
@@ -322,7 +322,7 @@ def score(task: str, records: Sequence[dict], completions: Sequence[str]) -> dic
 # =====================================================================================
 
 
-def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], batch_size: int = 8,
+def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], batch_size: int = 32,
                          max_new_tokens: int = 64, progress: bool = True) -> list[str]:
     """Greedy completions of the records' prompts, in order, as text (tags kept, EOS dropped).
 
@@ -388,7 +388,7 @@ def load_eval_records(data_dir: str, split: str, task: str, limit: int | None, s
 
 def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
              tasks: Sequence[str] = ("detection",), limit: int | None = None, seed: int = 0,
-             batch_size: int = 8, max_new_tokens: int | None = None, progress: bool = True,
+             batch_size: int = 32, max_new_tokens: int | None = None, progress: bool = True,
              samples: int = 3) -> dict:
     """Greedy evaluation on `data_dir/split/<task>.jsonl` for each task.
 

@@ -17,7 +17,9 @@ One step = three plain functions, as in GRPO-Zero:
     2. `group_advantages` normalise rewards within each group           -> advantages
     3. `update_policy`    the clipped objective over micro-chunks        -> gradient step
 The per-prompt work (the frozen ViT over the frames) is done once per group and reused for the G
-samples, the policy pass and the reference pass; the per-completion work is kept separate.
+samples, the policy pass and the reference pass; the per-completion work is kept separate. All the
+step's groups are sampled in one batched `generate` (a CPU decoding step costs about the same for
+8 rows as for 64), each row from its own random stream so that samples do not depend on batching.
 
 Run:  python grpo.py                        (from runs/sft/latest, toy data, CPU)
       torchrun --nproc_per_node=2 grpo.py   (prompts split over processes; each group stays on one)
@@ -63,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward", default=None,
                    help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); default: the task's")
     # GRPO
-    p.add_argument("--steps", type=int, default=40, help="GRPO steps (one rollout batch each)")
+    p.add_argument("--steps", type=int, default=60, help="GRPO steps (one rollout batch each)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step over all processes")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mu", type=int, default=1, help="optimisation passes per rollout batch (old log-probs kept when > 1)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
     # optimiser
-    p.add_argument("--lr", type=float, default=3e-5, help="learning rate (1e-6 for a real 3B model; the toy needs more)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (1e-6 for a real 3B model; the toy needs more)")
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then constant")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")

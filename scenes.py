@@ -98,7 +98,7 @@ SPATIAL_FRAMES = 8          # uniformly sampled frames per spatial-QA record
 
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}   # disjoint seed ranges
 DEFAULT_TRAIN_SCENES = 500
-DEFAULT_VAL_SCENES = 50
+DEFAULT_VAL_SCENES = 600
 QUICK_TRAIN_SCENES = 4
 QUICK_VAL_SCENES = 2
 
