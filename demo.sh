@@ -17,7 +17,7 @@ echo "== 1. synthetic world (train 500 scenes, held-out 600 scenes)"
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
 echo "== 2. SFT warm-up"
-[ -f runs/sft/latest/trainer_state.json ] || $PY sft.py --out runs/sft --steps "$SFT_STEPS"
+[ -f runs/sft/latest/trainer_state.json ] || $PY sft.py --out runs/sft --steps "$SFT_STEPS" --no-progress
 
 echo "== 3. GRPO from the SFT checkpoint (timed)"
 t0=$(date +%s)
