@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 import data
 import rewards
 
@@ -226,6 +228,30 @@ def detection_metrics_at(records: Sequence[dict], completions: Sequence[str], io
     }
 
 
+def localisation_errors(records: Sequence[dict], completions: Sequence[str]) -> dict | None:
+    """Where the boxes go wrong: median absolute error per axis, in metres, of the centres and sizes.
+
+    Each predicted box is compared with the ground-truth box of the same label whose centre is
+    nearest (no IoU threshold, no one-to-one matching): a diagnostic, not a benchmark metric. It
+    tells a model that knows what is there (small size errors) from one that knows where (small
+    centre errors); F1@0.25 needs both. None when no predicted label occurs in the ground truth.
+    {"centre": [x, y, z], "size": [dx, dy, dz], "boxes": number of predicted boxes compared}
+    """
+    errors = []
+    for record, text in zip(records, completions):
+        for pred in predicted_boxes(text):
+            same = [g["bbox_3d"] for g in record["boxes"] if category(g["label"]) == category(pred["label"])]
+            if not same:
+                continue
+            p = np.asarray(pred["bbox_3d"][:6], dtype=float)
+            nearest = min(same, key=lambda g: float(np.linalg.norm(np.asarray(g[:3], dtype=float) - p[:3])))
+            errors.append(np.abs(p - np.asarray(nearest[:6], dtype=float)))
+    if not errors:
+        return None
+    median = np.median(np.stack(errors), axis=0)
+    return {"centre": median[:3].round(4).tolist(), "size": median[3:].round(4).tolist(), "boxes": len(errors)}
+
+
 def detection_metrics(records: Sequence[dict], completions: Sequence[str]) -> dict:
     """Detection metrics of a data set: {"@0.25": {...}, "@0.5": {...}} plus counts and format rate."""
     check_lengths(records, completions)
@@ -236,6 +262,7 @@ def detection_metrics(records: Sequence[dict], completions: Sequence[str]) -> di
     }
     for t in IOU_THRESHOLDS:
         out[f"@{t}"] = detection_metrics_at(records, completions, t)
+    out["median_abs_error_m"] = localisation_errors(records, completions)
     return out
 
 

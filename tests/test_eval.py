@@ -85,6 +85,23 @@ def test_detection_metrics_by_hand():
     json.dumps(m)  # plain Python values only
 
 
+def test_localisation_errors_by_hand():
+    """Per-axis median errors against the nearest same-label box; other labels and bad text skipped."""
+    gt = [{"label": "chair", "bbox_3d": box(0, 0, 2)}, {"label": "chair", "bbox_3d": box(3, 0, 2)},
+          {"label": "bed", "bbox_3d": box(0, 1, 4, dx=2.0)}]
+    records = [{"task": "detection", "boxes": gt}] * 3
+    completions = [
+        completion([{"label": "chair", "bbox_3d": box(2.5, 0, 2.5, dy=1.5)},   # nearest chair: (3, 0, 2)
+                    {"label": "lamp", "bbox_3d": box(0, 0, 2)}]),              # no lamp in the ground truth
+        completion([{"label": "Bed", "bbox_3d": box(0, 1.25, 4, dx=1.0)}]),   # labels compare lower-cased
+        "<answer>not json</answer>",
+    ]
+    m = ev.localisation_errors(records, completions)
+    # errors: chair |(-0.5, 0, 0.5)|, sizes (0, 0.5, 0); bed (0, 0.25, 0), sizes (1, 0, 0): median of 2 = mean
+    assert m == {"centre": [0.25, 0.125, 0.25], "size": [0.5, 0.25, 0.0], "boxes": 2}
+    assert ev.localisation_errors(records[:1], ["<answer>[]</answer>"]) is None
+
+
 def test_per_category_counts_equal_whole_list_matching():
     """Same-label matching: splitting by category changes nothing (micro = whole-list counts)."""
     records, completions = detection_case()
