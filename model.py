@@ -48,8 +48,9 @@ FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 # The toy tokenizer also keeps the fixed JSON pieces of answers whole: shorter completions make
 # CPU rollouts cheaper (a real Qwen tokenizer has its own merges for them).
 TOY_JSON_PIECES = ['{"label":"', '","bbox_3d":[', "]}", '{"frame":', ',"bbox_3d":[']
-# ...and writes every answer number (2 decimals, data.format_number) as exactly two tokens: the
-# signed integer part with its point ("-0.", "2.") and the two decimals ("05"). Fixed-width
+# ...and writes every answer number below 10 in magnitude (all of the toy world's; 2 decimals,
+# data.format_number) as exactly two tokens: the signed integer part with its point ("-0.", "2.")
+# and the two decimals ("05"); larger numbers still encode, in more pieces. Fixed-width
 # numbers put the k-th box coordinate at a fixed token offset from "[", which a 4-layer model
 # can find by relative position; with one token per character a minus sign shifted every
 # later coordinate by one. Added tokens match leftmost-longest, so "2.05" -> "2." + "05".

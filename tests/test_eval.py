@@ -100,6 +100,9 @@ def test_localisation_errors_by_hand():
     # errors: chair |(-0.5, 0, 0.5)|, sizes (0, 0.5, 0); bed (0, 0.25, 0), sizes (1, 0, 0): median of 2 = mean
     assert m == {"centre": [0.25, 0.125, 0.25], "size": [0.5, 0.25, 0.0], "boxes": 2}
     assert ev.localisation_errors(records[:1], ["<answer>[]</answer>"]) is None
+    broken = [{"task": "detection", "boxes": [{"label": "chair", "bbox_3d": None},
+                                              {"label": "chair", "bbox_3d": [1, 2, 3]}] + gt[:1]}]
+    assert ev.localisation_errors(broken, completions[:1])["boxes"] == 1  # malformed ground truth skipped
 
 
 def test_per_category_counts_equal_whole_list_matching():

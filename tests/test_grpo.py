@@ -161,9 +161,11 @@ def test_samples_do_not_depend_on_the_batch(data_dir):
 
     net, tokenizer, cfg = model.load_model("toy")
     records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
+    records[1]["conversations"][0]["value"] += " Be precise."  # prompts of different lengths: left padding
     args = grpo.parse_args(["--group-size", "3", "--max-new-tokens", "10"])
     banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
     prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
+    assert prompts[0]["input_ids"].shape[1] != prompts[1]["input_ids"].shape[1]
     pad = tokenizer.pad_token_id
     both = grpo.sample_groups(net, prompts, args, banned, [11, 22], pad)
     first = grpo.sample_groups(net, prompts[:1], args, banned, [11], pad)
