@@ -65,7 +65,13 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 def cleanup_distributed(d: Dist) -> None:
+    """Tear the process group down once every process has reached this point.
+
+    The barrier keeps one process from destroying its gloo connections while another is still
+    using them (a 2-process test run once hung in teardown without it).
+    """
     if d.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
