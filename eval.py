@@ -237,24 +237,15 @@ def localisation_errors(records: Sequence[dict], completions: Sequence[str]) -> 
     centre errors); F1@0.25 needs both. None when no predicted label occurs in the ground truth.
     {"centre": [x, y, z], "size": [dx, dy, dz], "boxes": number of predicted boxes compared}
     """
-    def centre_and_size(box: Any) -> np.ndarray | None:
-        """The first 6 numbers of a box, or None for a malformed one (it is then left out)."""
-        try:
-            values = np.asarray(box, dtype=float)
-        except (TypeError, ValueError):
-            return None
-        if values.ndim != 1 or len(values) < 6 or not np.isfinite(values[:6]).all():
-            return None
-        return values[:6]
-
     errors = []
     for record, text in zip(records, completions):
-        for pred in predicted_boxes(text):
-            p = centre_and_size(pred["bbox_3d"])
-            same = [centre_and_size(b.get("bbox_3d")) for b in record["boxes"]
+        for pred in predicted_boxes(text):  # parse_boxes has validated these: 9 finite numbers
+            p = np.asarray(pred["bbox_3d"][:6])
+            # Ground-truth boxes pass the same check (rewards.valid_bbox); a malformed one is left out.
+            same = [rewards.valid_bbox(b.get("bbox_3d")) for b in record["boxes"]
                     if category(b.get("label")) == category(pred["label"])]
-            same = [g for g in same if g is not None]
-            if p is None or not same:
+            same = [np.asarray(g[:6]) for g in same if g is not None]
+            if not same:
                 continue
             nearest = min(same, key=lambda g: float(np.linalg.norm(g[:3] - p[:3])))
             errors.append(np.abs(p - nearest))

@@ -499,7 +499,7 @@ def _finite_number(value: Any, max_abs: float = math.inf) -> float | None:
     return number
 
 
-def _valid_bbox(value: Any) -> list[float] | None:
+def valid_bbox(value: Any) -> list[float] | None:
     """9 finite numbers with |v| < MAX_ABS_BOX_VALUE and sizes > 0, as floats; else None."""
     if not isinstance(value, (list, tuple)) or len(value) != BOX_SIZE:
         return None
@@ -523,7 +523,7 @@ def parse_boxes(answer: str) -> list[dict[str, Any]] | None:
     for item in data:
         if not isinstance(item, dict):
             return None
-        label, bbox = item.get("label"), _valid_bbox(item.get("bbox_3d"))
+        label, bbox = item.get("label"), valid_bbox(item.get("bbox_3d"))
         if not isinstance(label, str) or not label.strip() or bbox is None:
             return None
         boxes.append({"label": label, "bbox_3d": bbox})
@@ -539,7 +539,7 @@ def parse_grounding(answer: str) -> tuple[int, list[float]] | None:
     data = parse_json(answer)
     if not isinstance(data, dict):
         return None
-    frame, bbox = data.get("frame"), _valid_bbox(data.get("bbox_3d"))
+    frame, bbox = data.get("frame"), valid_bbox(data.get("bbox_3d"))
     if isinstance(frame, bool) or not isinstance(frame, int) or bbox is None:
         return None
     if abs(frame) > 10**9:
