@@ -174,14 +174,19 @@ def row_sampler(seeds: list[int], temperature: float):
     softmax(logits / T). Drawing g from one generator per row (rather than torch's global one)
     makes a completion depend only on its own seed, not on which other prompts share the batch:
     one process or several, the same prompt gets the same samples. Suppressed tokens arrive as
-    -inf and stay -inf.
+    -inf and stay -inf. The generators live on the logits' device (created at the first decoding
+    step), so a GPU run draws its noise there instead of moving rows x vocabulary numbers from
+    the CPU at every token; a CPU and a GPU run therefore draw different (equally valid) samples.
     """
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators: list[torch.Generator] = []
 
     def process(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64) for g in generators])
+        if not generators:
+            generators.extend(torch.Generator(device=scores.device).manual_seed(s) for s in seeds)
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device, dtype=torch.float64)
+                         for g in generators])
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
-        return scores / temperature + gumbel.to(scores.device, scores.dtype)
+        return scores / temperature + gumbel.to(scores.dtype)
 
     return process
 
@@ -215,10 +220,13 @@ def score(texts: list[str], records: list[dict], weights: dict[str, float], grou
     return torch.tensor(totals, dtype=torch.float32), {k: torch.tensor(v) for k, v in parts.items()}
 
 
-def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cfg, args, device) -> Rollouts:
-    """Sample a group per prompt, pad the completions to one length, mask after EOS, score."""
+def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cfg, args, device,
+            banned: list[int]) -> Rollouts:
+    """Sample a group per prompt, pad the completions to one length, mask after EOS, score.
+
+    `banned` are the token ids never sampled (model.special_token_ids, computed once by the caller).
+    """
     net.eval()
-    banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
     prompts = [prepare_prompt(net, record, tokenizer, image_cfg, device) for record in records]
     ids = sample_groups(net, prompts, args, banned, step_seeds, tokenizer.pad_token_id).cpu()
     mask, truncated = completion_mask(ids, tokenizer.eos_token_id)
@@ -515,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         positions = runtime.shard(list(range(args.prompts_per_step)), d.rank, d.world_size)
         mine = [records[indices[i]] for i in positions]
         seeds = [prompt_seed(args.seed, step, i) for i in positions]
-        ro = rollout(net, mine, seeds, tokenizer, image_cfg, args, d.device)
+        ro = rollout(net, mine, seeds, tokenizer, image_cfg, args, d.device, banned)
         rollout_s = time.time() - t0
         # ---- 2. advantages: each completion against the others of its group (no value network)
         ro.advantages = group_advantages(ro.rewards, args.group_size, scale=args.scale_rewards == "group")

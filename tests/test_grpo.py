@@ -277,7 +277,7 @@ def test_padding_after_eos_gives_finite_logprobs(data_dir, monkeypatch):
     fixed = torch.tensor([[5, 6, eos, pad], [7, eos, pad, pad], [5, 5, 5, 5], [eos, pad, pad, pad]])
     monkeypatch.setattr(grpo, "sample_groups", lambda *a, **k: fixed.clone())
     args = grpo.parse_args(["--group-size", "4", "--reward", "format=1"])
-    ro = grpo.rollout(net, records, [0], tokenizer, cfg, args, torch.device("cpu"))
+    ro = grpo.rollout(net, records, [0], tokenizer, cfg, args, torch.device("cpu"), model.special_token_ids(tokenizer))
     assert ro.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ro.truncated.tolist() == [False, False, True, False]
     logp = grpo.completion_logprobs(net, ro, [0, 1, 2, 3], model.special_token_ids(tokenizer), 1.0)
