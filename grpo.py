@@ -495,7 +495,12 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     latest = os.path.join(args.out, "latest")  # where checkpoints go
     resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
-    start_step = runtime.load_training_state(resume_from, optimizer)["step"] if args.resume else 0
+    start_step = 0
+    if args.resume:
+        state = runtime.load_training_state(resume_from, optimizer)
+        # --init is not used on resume (policy and reference come from the checkpoint's run).
+        runtime.check_resume_args(state["args"], vars(args), also_free=("init",))
+        start_step = state["step"]
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
     # DDP so that gradients are averaged over processes.
     ddp_net = DDP(net) if d.enabled else net

@@ -127,7 +127,8 @@ def add_run_arguments(p, log_every: int, save_every: int) -> None:
     p.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (and one at the end)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
     p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/latest exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/latest exactly (same settings; only logging, checkpoint, evaluation, --stop-after and device flags may change)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this step (schedules still span --steps)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -264,6 +265,29 @@ def load_training_state(path: str, optimizer) -> dict:
     random.setstate(rng["python"])
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
+
+
+# Flags that may differ on --resume: bookkeeping that does not change what is computed.
+RESUME_FREE_FLAGS = frozenset({"resume", "stop_after", "no_progress", "log_every", "save_every",
+                               "eval_every", "eval_limit", "sample_every", "device"})
+
+
+def check_resume_args(saved: dict, current: dict, also_free: tuple[str, ...] = ()) -> None:
+    """Stop with one line when --resume is given settings that differ from the checkpoint's.
+
+    An exact resume needs the same run: a different --lr, --steps (the schedule's length) or data
+    would silently splice two runs together. Bookkeeping flags (RESUME_FREE_FLAGS, plus
+    `also_free`) may change. Values are compared as the checkpoint stores them (JSON), so a
+    tuple and the list it was saved as are equal. Example message:
+        error: --resume with settings that differ from the checkpoint's: --lr 0.0001 (checkpoint: 0.0003)
+    """
+    current = json.loads(json.dumps(current))  # tuples -> lists, as in trainer_state.json
+    free = RESUME_FREE_FLAGS | set(also_free)
+    changed = [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
+               for k in sorted(saved) if k in current and k not in free and current[k] != saved[k]]
+    if changed:
+        raise SystemExit("error: --resume with settings that differ from the checkpoint's: " + "; ".join(changed)
+                         + ". Pass the checkpoint's values, or start a new run (a new --out) from it.")
 
 
 def trainable_parameters(net: torch.nn.Module, train_vision: bool) -> list[torch.nn.Parameter]:

@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
     if args.resume:
-        start_step = runtime.load_training_state(source, optimizer)["step"]
+        state = runtime.load_training_state(source, optimizer)
+        # --model is not used on resume (the weights come from the checkpoint); the rest must match.
+        runtime.check_resume_args(state["args"], vars(args), also_free=("model",))
+        start_step = state["step"]
     # DDP averages gradients over processes on the last micro-batch's backward (see train_step).
     ddp_net = DDP(net) if d.enabled else net
 

@@ -243,6 +243,11 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # Resuming with another learning rate would splice two runs: refused in one line, nothing written.
+    before = final_weights(tmp_path / "cut")
+    with pytest.raises(SystemExit, match=r"--lr 0.002 \(checkpoint: 0.001\)"):
+        grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume", "--lr", "2e-3"])
+    assert all(torch.equal(before[k], v) for k, v in final_weights(tmp_path / "cut").items())
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -72,6 +72,17 @@ def test_resume_is_exact(data_dir, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_resume_refuses_changed_settings_but_not_bookkeeping():
+    import runtime
+
+    saved = {"lr": 0.003, "steps": 4, "tasks": ["detection"], "log_every": 10, "model": "toy"}
+    # Bookkeeping flags, --model (unused on resume) and a tuple saved as a list all pass.
+    runtime.check_resume_args(saved, {**saved, "tasks": ("detection",), "log_every": 1, "model": "x",
+                                      "new_flag": 1}, also_free=("model",))
+    with pytest.raises(SystemExit, match=r"--lr 0.001 \(checkpoint: 0.003\); --steps 8 \(checkpoint: 4\)"):
+        runtime.check_resume_args(saved, {**saved, "lr": 0.001, "steps": 8}, also_free=("model",))
+
+
 def test_cli_errors_are_one_line(tmp_path):
     out = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--data", str(tmp_path / "missing")],
                          capture_output=True, text=True, cwd=ROOT)
