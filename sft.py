@@ -120,9 +120,12 @@ def load_training_records(args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # One process, or one of torchrun's N (rank, world size and device from its environment).
     d = runtime.setup_distributed(args.device)
+    # Each process takes an equal share of the global batch, cut into equal micro-batches.
     if args.batch_size % (d.world_size * min(args.micro_batch, args.batch_size)):
         raise SystemExit(f"error: --batch-size {args.batch_size} must split into {d.world_size} processes x --micro-batch")
+    # The same seed on every process: the same initial toy weights and the same data order.
     runtime.seed_everything(args.seed)
     try:
         records = load_training_records(args)
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         source = runtime.resolve_checkpoint(latest) if args.resume else args.model
         if args.resume and not os.path.isdir(source):
             raise FileNotFoundError(f"nothing to resume: {latest} does not exist")
+        # On --resume the weights come from the checkpoint; otherwise from --model ("toy" builds it).
         geometry = {"auto": None, "on": True, "off": False}[args.geometry]
         net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed)
     except (FileNotFoundError, data.RecordError, ValueError) as e:
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     # The toy ViT starts random, so it must learn too; a real checkpoint's ViT stays frozen (paper).
     train_vision = args.train_vision == "yes" or (args.train_vision == "auto" and args.model == "toy")
     params = runtime.trainable_parameters(net, train_vision)
+    # AdamW with beta2 = 0.95, the usual choice for language-model training (nanoGPT's too).
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
     if args.resume:
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
     end_step = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="sft", initial=start_step, total=args.steps)
-    micro = min(args.micro_batch, args.batch_size // d.world_size)
+    micro = min(args.micro_batch, args.batch_size // d.world_size)  # records per forward pass here
     for step in bar:
         t0 = time.time()
         # The learning rate is a pure function of the step: a resumed run continues the same curve.
@@ -170,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         global_tokens = runtime.all_reduce_sum(local_tokens, d)
         loss_sum = train_step(ddp_net, batches, global_tokens, d.world_size, d.device)
+        # Clipping the global norm keeps one unusually large gradient from derailing a run at the
+        # toy's high learning rate (with --grad-clip 0 the norm is only measured, for the log).
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         # The logged loss is the global-batch mean; a NaN stops the run before the optimiser step,
         # so the last checkpoint stays the last good state.
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             if step % args.log_every == 0 or step == end_step - 1:
                 logger.log({"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": float(grad_norm),
                             "tokens_per_s": round(global_tokens / seconds, 1), "step_s": round(seconds, 3)})
+        # Periodic held-out evaluation and checkpoint (rank 0 writes; the others wait at a barrier).
         runtime.end_of_step(step, end_step, args, d, net, tokenizer, image_cfg, optimizer, logger, args.tasks)
     bar.close()
     runtime.cleanup_distributed(d)
