@@ -337,8 +337,9 @@ def completion_logprobs(
     """
     G = ro.completion_ids.shape[0] // len(ro.prompts)
     batch = stack_prompts([ro.prompts[r // G] for r in rows], ro.pad_id)
-    width = batch["input_ids"].shape[1]
     comp = ro.completion_ids[rows].to(batch["input_ids"].device)
+    # Only the last T + 1 positions' logits are computed: position t predicts token t + 1, so the
+    # logits at the prompt's last token .. the completion's second-to-last score the T completion tokens.
     logits = net(
         input_ids=torch.cat([batch["input_ids"], comp], 1),
         attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(comp)], 1),
@@ -347,7 +348,8 @@ def completion_logprobs(
         vision=batch["vision"] if reuse_vision else None,
         pixel_values=None if reuse_vision else torch.cat([ro.prompts[r // G]["pixel_values"] for r in rows]),
         geometry=batch["geometry"],
-    )[:, width - 1:-1].float()
+        logits_to_keep=comp.shape[1] + 1,
+    )[:, :-1].float()
     logits[..., banned] = -float("inf")
     logp = torch.log_softmax(logits / temperature, dim=-1)
     # Padding after EOS is a banned token (log-prob -inf); it is masked out of the loss, and set

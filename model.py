@@ -190,9 +190,15 @@ class RFTModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         geometry: torch.Tensor | None = None,
         vision: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
         **_: object,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). Pass precomputed `vision` (from `vision_tokens`) to skip the ViT."""
+        """Logits (batch, seq, vocab). Pass precomputed `vision` (from `vision_tokens`) to skip the ViT.
+
+        `logits_to_keep` = k > 0 returns only the last k positions' logits, (batch, k, vocab): the
+        LM head then never materialises (batch x sequence x vocabulary) numbers, which for a real
+        152k vocabulary and thousands of visual tokens would not fit in memory. 0 keeps all.
+        """
         if vision is None:
             vision = self.vision_tokens(pixel_values, image_grid_thw)
         image_embeds = self.fuse_geometry(vision, image_grid_thw, geometry)
@@ -205,6 +211,7 @@ class RFTModel(nn.Module):
             image_grid_thw=image_grid_thw,
             mm_encoder_outputs={"image": image_embeds},
             use_cache=False,
+            logits_to_keep=logits_to_keep,
         )
         return out.logits
 

@@ -176,6 +176,40 @@ def test_samples_do_not_depend_on_the_batch(data_dir):
     assert not torch.equal(both[0], both[1])  # the G samples of a group differ
 
 
+def test_completion_logprobs_match_a_plain_per_row_computation(data_dir):
+    """Batched, left-padded scoring of only the completion positions equals scoring each row
+    alone (no padding, all logits, a loop over its tokens), with the same masking and temperature."""
+    import data
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    net.eval()
+    records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
+    records[1]["conversations"][0]["value"] += " Be precise."  # prompts of different lengths
+    G, T, temperature = 2, 6, 0.7
+    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
+    banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    ids = torch.randint(10, 200, (len(records) * G, T))
+    ids[1, 3] = tokenizer.eos_token_id  # row 1 stops early: its last two tokens are masked
+    mask, _ = grpo.completion_mask(ids, tokenizer.eos_token_id)
+    ro = grpo.Rollouts(records, prompts, ids, mask, torch.zeros(len(ids), dtype=torch.bool), [""] * len(ids),
+                       torch.zeros(len(ids)), pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        batched = grpo.completion_logprobs(net, ro, list(range(len(ids))), banned, temperature)
+        for row in range(len(ids)):
+            p = prompts[row // G]
+            logits = net(input_ids=torch.cat([p["input_ids"], ids[row:row + 1]], 1),
+                         attention_mask=torch.ones(1, p["input_ids"].shape[1] + T, dtype=torch.long),
+                         mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros(1, T, dtype=torch.long)], 1),
+                         image_grid_thw=p["image_grid_thw"], vision=p["vision"], geometry=p["geometry"])[0]
+            start = p["input_ids"].shape[1] - 1  # the prompt's last position predicts completion token 0
+            for t in range(T):
+                scores = logits[start + t].float().clone()
+                scores[banned] = -float("inf")
+                expected = torch.log_softmax(scores / temperature, -1)[ids[row, t]] if mask[row, t] else torch.tensor(0.0)
+                torch.testing.assert_close(batched[row, t], expected, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def digit_share(completion: str, record: dict) -> float:
