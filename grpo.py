@@ -499,10 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
     start_step = 0
     if args.resume:
-        state = runtime.load_training_state(resume_from, optimizer)
-        # --init is not used on resume (policy and reference come from the checkpoint's run).
-        runtime.check_resume_args(state["args"], vars(args), also_free=("init",))
-        start_step = state["step"]
+        # --init is not used on resume (policy and reference come from the checkpoint's run), and
+        # `weights` is derived from --reward and --task, which are compared themselves.
+        start_step = runtime.load_training_state(resume_from, optimizer, vars(args), also_free=("init", "weights"))["step"]
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
     # DDP so that gradients are averaged over processes.
     ddp_net = DDP(net) if d.enabled else net

@@ -253,23 +253,32 @@ def end_of_step(step: int, end_step: int, args, d: Dist, net, tokenizer, image_c
             dist.barrier()
 
 
-def load_training_state(path: str, optimizer) -> dict:
-    """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict."""
+def load_training_state(path: str, optimizer, args: dict | None = None, also_free: tuple[str, ...] = ()) -> dict:
+    """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict.
+
+    With `args` (the new run's flags), `check_resume_args` runs first, before anything is loaded,
+    so that changed settings stop the run with its one-line message rather than a traceback from
+    an optimiser whose parameter groups no longer match.
+    """
     for name in (OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
         if not os.path.exists(os.path.join(path, name)):
             raise SystemExit(f"error: {path} is not a resumable checkpoint (no {name})")
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    if args is not None:
+        check_resume_args(state.get("args", {}), args, also_free)
     optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
     rng = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    return state
 
 
 # Flags that may differ on --resume: bookkeeping that does not change what is computed.
+# `out` too: a run folder may be moved or copied before it is resumed.
 RESUME_FREE_FLAGS = frozenset({"resume", "stop_after", "no_progress", "log_every", "save_every",
-                               "eval_every", "eval_limit", "sample_every", "device"})
+                               "eval_every", "eval_limit", "sample_every", "device", "out"})
 
 
 def check_resume_args(saved: dict, current: dict, also_free: tuple[str, ...] = ()) -> None:

@@ -146,10 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
     if args.resume:
-        state = runtime.load_training_state(source, optimizer)
-        # --model is not used on resume (the weights come from the checkpoint); the rest must match.
-        runtime.check_resume_args(state["args"], vars(args), also_free=("model",))
-        start_step = state["step"]
+        # Every setting must match the checkpoint's, --model included: the weights come from the
+        # checkpoint, but --model still decides (with --train-vision auto) which parameters train.
+        start_step = runtime.load_training_state(source, optimizer, vars(args))["step"]
     # DDP averages gradients over processes on the last micro-batch's backward (see train_step).
     ddp_net = DDP(net) if d.enabled else net
 

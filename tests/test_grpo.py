@@ -281,6 +281,9 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     before = final_weights(tmp_path / "cut")
     with pytest.raises(SystemExit, match=r"--lr 0.002 \(checkpoint: 0.001\)"):
         grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume", "--lr", "2e-3"])
+    # Checked before the optimiser state is loaded: another trained-parameter set is the same one line.
+    with pytest.raises(SystemExit, match=r"--train-vision True \(checkpoint: False\)"):
+        grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume", "--train-vision"])
     assert all(torch.equal(before[k], v) for k, v in final_weights(tmp_path / "cut").items())
 
 
