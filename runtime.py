@@ -128,7 +128,7 @@ def add_run_arguments(p, log_every: int, save_every: int) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
     p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
     p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/latest exactly (same settings; only logging, checkpoint, evaluation, --stop-after and device flags may change)")
+                   help="continue from <out>/latest exactly (same settings; only logging, checkpoint, evaluation, --stop-after, --out and device flags may change)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end this run after this step (schedules still span --steps)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")

@@ -76,7 +76,7 @@ def test_resume_refuses_changed_settings_but_not_bookkeeping():
     import runtime
 
     saved = {"lr": 0.003, "steps": 4, "tasks": ["detection"], "log_every": 10, "model": "toy"}
-    # Bookkeeping flags, --model (unused on resume) and a tuple saved as a list all pass.
+    # Bookkeeping flags, a flag the caller frees (also_free) and a tuple saved as a list all pass.
     runtime.check_resume_args(saved, {**saved, "tasks": ("detection",), "log_every": 1, "model": "x",
                                       "new_flag": 1}, also_free=("model",))
     with pytest.raises(SystemExit, match=r"--lr 0.001 \(checkpoint: 0.003\); --steps 8 \(checkpoint: 4\)"):
