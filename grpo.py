@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward", default=None,
                    help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); default: the task's")
     # GRPO
-    p.add_argument("--steps", type=int, default=60, help="GRPO steps (one rollout batch each)")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step over all processes")
+    p.add_argument("--steps", type=runtime.int_at_least(1), default=60, help="GRPO steps (one rollout batch each)")
+    p.add_argument("--prompts-per-step", type=runtime.int_at_least(1), default=8, help="prompts per step over all processes")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default: by task)")
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-vision", action="store_true", help="also train the ViT (frozen in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and of the sampling")
     runtime.add_run_arguments(p, log_every=1, save_every=20)
-    p.add_argument("--sample-every", type=int, default=10, help="steps between logged sample completions")
+    p.add_argument("--sample-every", type=runtime.int_at_least(0), default=10, help="steps between logged sample completions (0 = none)")
     args = p.parse_args(argv)
     try:
         args.weights = rewards.parse_weights(args.reward) if args.reward else dict(rewards.TASK_REWARDS[args.task])

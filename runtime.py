@@ -10,6 +10,7 @@ Nothing here is specific to the paper; it is what both training stages need to r
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -121,12 +122,27 @@ def shard(indices: list, rank: int, world_size: int) -> list:
 # =====================================================================================
 
 
+def int_at_least(minimum: int):
+    """An argparse `type`: an int >= minimum, so that `--log-every 0` is a one-line usage error
+    rather than a ZeroDivisionError many minutes into a run."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def add_run_arguments(p, log_every: int, save_every: int) -> None:
     """Bookkeeping flags of sft.py and grpo.py: logs, checkpoints, evaluation, resume, device."""
-    p.add_argument("--log-every", type=int, default=log_every, help="steps between metric lines")
-    p.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = off)")
-    p.add_argument("--eval-limit", type=int, default=32, help="held-out records per periodic evaluation")
+    p.add_argument("--log-every", type=int_at_least(1), default=log_every, help="steps between metric lines")
+    p.add_argument("--save-every", type=int_at_least(0), default=save_every,
+                   help="steps between checkpoints (0 = only the one at the end, which is always written)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=0, help="steps between held-out evaluations (0 = off)")
+    p.add_argument("--eval-limit", type=int_at_least(1), default=32, help="held-out records per periodic evaluation")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/latest exactly (same settings; only logging, checkpoint, evaluation, --stop-after, --out and device flags may change)")
     p.add_argument("--stop-after", type=int, default=None,
@@ -245,7 +261,7 @@ def end_of_step(step: int, end_step: int, args, d: Dist, net, tokenizer, image_c
         result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=tuple(tasks),
                                      limit=args.eval_limit, progress=False)
         logger.log({"step": step, "eval": result})
-    if done % args.save_every == 0 or done == end_step:
+    if (args.save_every and done % args.save_every == 0) or done == end_step:
         if d.master:
             save_checkpoint(os.path.join(args.out, "latest"), net, tokenizer, image_cfg, optimizer,
                             {"step": done, "args": vars(args)})

@@ -266,6 +266,31 @@ def test_two_processes_match_one(data_dir, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_grpo_raises_its_reward(data_dir, tmp_path, monkeypatch):
+    """End to end: rollout -> rewards -> advantages -> update must climb the reward it is given.
+
+    The loss tests check the formula; this checks the wiring around it (each reward paired with
+    its own completion, the advantage's sign, the optimiser really stepping). From the random toy
+    model the share of digits in a completion rises from ~0.1 to ~0.4-0.7 within 40 steps;
+    with the advantages negated (checked by hand) it falls to ~0.01 instead.
+    """
+    monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
+    out = tmp_path / "learn"
+    grpo.main(base_args(data_dir, out, steps=40) + ["--lr", "3e-3", "--beta", "0", "--save-every", "0"])
+    reward = [line["reward"] for line in metric_lines(out) if "reward" in line]
+    first, last = sum(reward[:10]) / 10, sum(reward[-10:]) / 10
+    assert last > first + 0.15, (first, last)
+    assert os.path.exists(os.path.join(out, "latest", "model.safetensors"))  # --save-every 0: the final one
+
+
+def test_bookkeeping_flags_are_checked_up_front(capsys):
+    for flag, value, why in (("--log-every", "0", "must be >= 1, got 0"), ("--save-every", "-1", "must be >= 0"),
+                             ("--steps", "0", "must be >= 1"), ("--eval-limit", "x", "'x' is not an integer")):
+        with pytest.raises(SystemExit):
+            grpo.parse_args([flag, value])
+        assert f"argument {flag}: {why}" in capsys.readouterr().err
+
+
 def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
     grpo.main(base_args(data_dir, tmp_path / "full", steps=3))
