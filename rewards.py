@@ -811,6 +811,35 @@ def f1_reward(completion: str, record: dict) -> float:
     return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2.0 * tp + fp + fn)
 
 
+CENTRE_SCALE_M = 0.5  # distance (metres) at which R_centre's closeness has fallen to 1/e
+
+
+@_reward(0.0, 1.0)
+def centre_reward(completion: str, record: dict) -> float:
+    """R_centre in [0, 1]: a dense shaping term, not one of the paper's rewards (an ablation).
+
+    R_IoU is 0 for every box that misses its object entirely, which is most boxes of a model whose
+    centres are ~0.7 m off, so it says nothing about *which* miss was closer. Here each pair of
+    same-label boxes scores closeness = exp(-|c_pred - c_gt| / CENTRE_SCALE_M), and the reward is
+    the mean of two chamfer halves: each predicted box's closest same-label truth (precision-like)
+    and each true box's closest same-label prediction (recall-like), so neither one big box nor
+    one safe box can win it. Empty prediction and empty truth: 1; exactly one empty: 0.
+    Example: truth [chair at (0, 0, 2)], prediction [chair at (0, 0, 2.5)] -> exp(-1) = 0.37.
+    """
+    both = _detection(completion, record)
+    if both is None:
+        return 0.0
+    pred, gt = both
+    if not pred or not gt:
+        return 1.0 if not pred and not gt else 0.0
+    centres_p = np.array([b["bbox_3d"][:3] for b in pred], dtype=np.float64)
+    centres_g = np.array([b["bbox_3d"][:3] for b in gt], dtype=np.float64)
+    same = np.array([[norm_label(p["label"]) == norm_label(g["label"]) for g in gt] for p in pred])
+    distance = np.linalg.norm(centres_p[:, None, :] - centres_g[None, :, :], axis=-1)
+    closeness = np.where(same, np.exp(-distance / CENTRE_SCALE_M), 0.0)   # (num_pred, num_gt)
+    return 0.5 * float(closeness.max(axis=1).mean()) + 0.5 * float(closeness.max(axis=0).mean())
+
+
 # --- grounding ------------------------------------------------------------------------------
 
 def _grounding(completion: str, record: dict) -> tuple[int, list[float]] | None:
@@ -901,6 +930,7 @@ REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "iou": iou_reward,
     "f1": f1_reward,
+    "centre": centre_reward,
     "frame": frame_reward,
     "grounding_iou": grounding_iou_reward,
     "accuracy": accuracy_reward,

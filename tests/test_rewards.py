@@ -458,6 +458,49 @@ def test_detection_malformed():
     assert R.format_reward(text, DET_GT) == 1.0 and R.iou_reward(text, DET_GT) == 1.0
 
 
+def centre_by_hand(pred: list[dict], gt: list[dict], scale: float) -> float:
+    """R_centre re-computed with plain loops (the parity reference for the vectorised one)."""
+    def close(a: dict, b: dict) -> float:
+        if a["label"].strip().lower() != b["label"].strip().lower():
+            return 0.0
+        return math.exp(-math.dist(a["bbox_3d"][:3], b["bbox_3d"][:3]) / scale)
+    precision_half = sum(max(close(p, g) for g in gt) for p in pred) / len(pred)
+    recall_half = sum(max(close(p, g) for p in pred) for g in gt) / len(gt)
+    return 0.5 * precision_half + 0.5 * recall_half
+
+
+def test_centre_reward():
+    scale = R.CENTRE_SCALE_M
+    # worked example of the docstring: one chair 0.5 m off -> exp(-1) in both halves
+    moved = [0, 0, 3.5, 1, 1, 1, 0, 0, 0]
+    assert R.centre_reward(det_answer([det("chair", moved)]), det_record([det("chair", CHAIR)])) == (
+        pytest.approx(math.exp(-0.5 / scale)))
+    assert R.centre_reward(det_answer([det("chair", CHAIR), det("table", TABLE)]), DET_GT) == 1.0
+    assert R.centre_reward(det_answer([det("sofa", CHAIR)]), DET_GT) == 0.0        # labels count
+    # the recall half: finding only the chair scores 1 for precision, 1/2 for recall
+    assert R.centre_reward(det_answer([det("chair", CHAIR)]), DET_GT) == pytest.approx(0.75)
+    # a closer miss scores more, although both have IoU 0 (the point of this shaping term)
+    near, far = [0, 0, 4.2, 1, 1, 1, 0, 0, 0], [0, 0, 5, 1, 1, 1, 0, 0, 0]
+    assert R.iou_reward(det_answer([det("chair", near)]), DET_GT) == 0.0
+    assert (R.centre_reward(det_answer([det("chair", near)]), DET_GT)
+            > R.centre_reward(det_answer([det("chair", far)]), DET_GT) > 0.0)
+    # empty cases as for R_IoU / R_F1, malformed text scores 0
+    assert R.centre_reward(det_answer([]), det_record([])) == 1.0
+    assert R.centre_reward(det_answer([]), DET_GT) == 0.0
+    assert R.centre_reward(det_answer([det("chair", CHAIR)]), det_record([])) == 0.0
+    assert R.centre_reward("no answer", DET_GT) == 0.0
+    # parity with the plain loop on random scenes (several labels, duplicates, misses)
+    rng = np.random.default_rng(0)
+    labels = ["chair", "table", "Chair ", "sofa"]
+    for _ in range(50):
+        def boxes(n: int) -> list[dict]:
+            return [det(str(rng.choice(labels)), [*np.round(rng.uniform(-3, 3, 3), 2), 1, 1, 1, 0, 0, 0])
+                    for _ in range(n)]
+        pred, gt = boxes(int(rng.integers(1, 5))), boxes(int(rng.integers(1, 5)))
+        assert R.centre_reward(det_answer(pred), det_record(gt)) == pytest.approx(
+            centre_by_hand(pred, gt, scale), abs=1e-12)
+
+
 GT_BOX = [1.0, 2.0, 0.5, 0.8, 0.6, 1.0, 0.3, 0.0, 0.0]
 
 
@@ -579,8 +622,8 @@ def test_rewards_outside_their_task_are_zero():
 # ---------------------------------------------------------------------------------------------
 
 def test_tables():
-    assert set(R.REWARDS) == {"format", "iou", "f1", "frame", "grounding_iou", "accuracy", "mra",
-                              "spatial"}
+    assert set(R.REWARDS) == {"format", "iou", "f1", "centre", "frame", "grounding_iou",
+                              "accuracy", "mra", "spatial"}
     assert R.TASK_REWARDS == {"detection": {"format": 1, "iou": 1, "f1": 1},
                               "grounding": {"format": 1, "frame": 1, "grounding_iou": 1},
                               "spatial": {"format": 1, "spatial": 1}}
