@@ -75,14 +75,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # =====================================================================================
 
 
+def logits_needed(loss_mask: torch.Tensor) -> int:
+    """How many trailing positions' logits the answer loss reads (0 = all; no answer tokens).
+
+    Answers sit at the end of each row (right padding), so one suffix, starting one position
+    before the earliest answer token of the batch, covers every row. Asking the model for only
+    that suffix (`logits_to_keep`) skips the LM head over the prompt and its visual tokens: for a
+    real 152k vocabulary and thousands of visual tokens those logits are SFT's memory peak.
+    Example: loss_mask [[0 0 0 1 1], [0 0 1 1 0]] -> the earliest answer is at 2 -> keep 5 - 2 + 1 = 4.
+    """
+    has_answer = loss_mask.any(1)
+    if not has_answer.any():
+        return 0
+    first = loss_mask.float().argmax(1)[has_answer].min().item()   # earliest answer token
+    return loss_mask.shape[1] - int(first) + 1 if first > 0 else 0
+
+
 def answer_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Sum of -log p over answer tokens (the caller divides by the global answer-token count).
 
-    Position t predicts token t+1, so logits are shifted by one against the targets.
-    Example: input [p p a1 a2 EOS] with loss_mask [0 0 1 1 1] scores a1, a2, EOS from positions 1..3.
+    Position t predicts token t+1, so logits are shifted by one against the targets. `logits` may
+    cover only the last k positions (see logits_needed); they then score tokens S-k+1 .. S-1.
+    Example: input [p p a1 a2 EOS] with loss_mask [0 0 1 1 1] scores a1, a2, EOS from positions 1..3
+    (all 5 logits, or the last k = 4).
     """
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].to(logits.dtype)
+    start = input_ids.shape[1] - logits.shape[1] + 1      # first target token the logits can score
+    targets = input_ids[:, start:]
+    mask = loss_mask[:, start:].to(logits.dtype)
     token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return (token_loss.view_as(mask) * mask).sum()
 
@@ -99,7 +118,7 @@ def train_step(net, batches: list[dict], global_tokens: float, world_size: int, 
         last = i == len(batches) - 1
         context = net.no_sync() if isinstance(net, DDP) and not last else torch.enable_grad()
         with context:
-            logits = net(**batch)
+            logits = net(**batch, logits_to_keep=logits_needed(batch["loss_mask"]))
             loss_sum = answer_token_loss(logits, batch["input_ids"], batch["loss_mask"])
             (loss_sum * world_size / global_tokens).backward()
         total += loss_sum.item()

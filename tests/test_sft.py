@@ -93,3 +93,26 @@ def test_cli_errors_are_one_line(tmp_path):
     help_text = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--help"], capture_output=True, text=True).stdout
     for flag in ("--steps", "--lr", "--resume", "--micro-batch", "--grad-clip", "--warmup", "--tasks", "--geometry"):
         assert flag in help_text
+
+
+def test_answer_loss_from_the_suffix_equals_the_full_loss(tmp_path):
+    """SFT asks the model for the answer span's logits only; the loss must not change."""
+    import data
+    import model
+    import sft
+    net, tokenizer, cfg = model.load_model("toy")
+    records = make_records(tmp_path, n=2)
+    records[1]["conversations"][1]["value"] = data.detection_answer(
+        [{"label": "table", "bbox_3d": [0.5, 0.2, 3, 1.2, 0.7, 0.8, 0.1, 0, 0]}] * 3)  # a longer answer
+    batch = data.collate(records, tokenizer, cfg)
+    mask = batch["loss_mask"].clone()
+    mask[0, mask[0].bool().nonzero()[:3]] = 0          # row 0's answer starts later than row 1's
+    keep = sft.logits_needed(mask)
+    assert 0 < keep < mask.shape[1] - 64                 # the visual tokens and prompt are skipped
+    with torch.no_grad():
+        full = sft.answer_token_loss(net(**batch), batch["input_ids"], mask)
+        suffix = sft.answer_token_loss(net(**batch, logits_to_keep=keep), batch["input_ids"], mask)
+        too_short = sft.answer_token_loss(net(**batch, logits_to_keep=keep - 1), batch["input_ids"], mask)
+    assert suffix.item() == pytest.approx(full.item(), rel=1e-5)
+    assert too_short.item() < full.item() - 1e-3        # one position fewer drops a scored token
+    assert sft.logits_needed(torch.zeros_like(mask)) == 0
