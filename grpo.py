@@ -56,12 +56,12 @@ DEFAULT_INIT = "runs/sft/latest"  # written by `python sft.py`
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # what to train
-    p.add_argument("--init", default=DEFAULT_INIT, help="policy to start from (an SFT checkpoint folder; 'toy' = random)")
-    p.add_argument("--data", default="data/toy", help="data folder holding <split>/<task>.jsonl")
+    p.add_argument("--init", type=os.path.normpath, default=DEFAULT_INIT, help="policy to start from (an SFT checkpoint folder; 'toy' = random)")
+    p.add_argument("--data", type=os.path.normpath, default="data/toy", help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split to draw prompts from")
     p.add_argument("--task", default="detection", choices=data.TASKS, help="task whose prompts and rewards are used")
     p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
-    p.add_argument("--out", default="runs/grpo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
+    p.add_argument("--out", type=os.path.normpath, default="runs/grpo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
     p.add_argument("--reward", default=None,
                    help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); default: the task's")
     # GRPO
@@ -500,8 +500,9 @@ def main(argv: list[str] | None = None) -> None:
     start_step = 0
     if args.resume:
         # --init is not used on resume (policy and reference come from the checkpoint's run), and
-        # `weights` is derived from --reward and --task, which are compared themselves.
-        start_step = runtime.load_training_state(resume_from, optimizer, vars(args), also_free=("init", "weights"))["step"]
+        # the parsed weights are compared instead of the --reward text: "f1=1" and "f1=1.0" agree.
+        start_step = runtime.load_training_state(resume_from, optimizer, vars(args), also_free=("init", "reward"),
+                                                  flag_of={"weights": "reward"})["step"]
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
     # DDP so that gradients are averaged over processes.
     ddp_net = DDP(net) if d.enabled else net

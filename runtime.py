@@ -269,7 +269,8 @@ def end_of_step(step: int, end_step: int, args, d: Dist, net, tokenizer, image_c
             dist.barrier()
 
 
-def load_training_state(path: str, optimizer, args: dict | None = None, also_free: tuple[str, ...] = ()) -> dict:
+def load_training_state(path: str, optimizer, args: dict | None = None, also_free: tuple[str, ...] = (),
+                        flag_of: dict[str, str] | None = None) -> dict:
     """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict.
 
     With `args` (the new run's flags), `check_resume_args` runs first, before anything is loaded,
@@ -282,7 +283,7 @@ def load_training_state(path: str, optimizer, args: dict | None = None, also_fre
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     if args is not None:
-        check_resume_args(state.get("args", {}), args, also_free)
+        check_resume_args(state.get("args", {}), args, also_free, flag_of)
     optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
     rng = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     torch.set_rng_state(rng["torch"])
@@ -297,18 +298,22 @@ RESUME_FREE_FLAGS = frozenset({"resume", "stop_after", "no_progress", "log_every
                                "eval_every", "eval_limit", "sample_every", "device", "out"})
 
 
-def check_resume_args(saved: dict, current: dict, also_free: tuple[str, ...] = ()) -> None:
+def check_resume_args(saved: dict, current: dict, also_free: tuple[str, ...] = (),
+                      flag_of: dict[str, str] | None = None) -> None:
     """Stop with one line when --resume is given settings that differ from the checkpoint's.
 
     An exact resume needs the same run: a different --lr, --steps (the schedule's length) or data
     would silently splice two runs together. Bookkeeping flags (RESUME_FREE_FLAGS, plus
     `also_free`) may change. Values are compared as the checkpoint stores them (JSON), so a
-    tuple and the list it was saved as are equal. Example message:
+    tuple and the list it was saved as are equal. A derived setting compared in place of its
+    flag (grpo's parsed reward weights, so that "f1=1" and "f1=1.0" agree) is named by the flag
+    it comes from through `flag_of`. Example message:
         error: --resume with settings that differ from the checkpoint's: --lr 0.0001 (checkpoint: 0.0003)
     """
     current = json.loads(json.dumps(current))  # tuples -> lists, as in trainer_state.json
     free = RESUME_FREE_FLAGS | set(also_free)
-    changed = [f"--{k.replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
+    flag_of = flag_of or {}
+    changed = [f"--{flag_of.get(k, k).replace('_', '-')} {current[k]} (checkpoint: {saved[k]})"
                for k in sorted(saved) if k in current and k not in free and current[k] != saved[k]]
     if changed:
         raise SystemExit("error: --resume with settings that differ from the checkpoint's: " + "; ".join(changed)

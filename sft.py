@@ -39,12 +39,12 @@ import runtime
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # what to train
-    p.add_argument("--model", default="toy", help="'toy' (tiny model built from a config) or a local checkpoint folder")
-    p.add_argument("--data", default="data/toy", help="data folder holding <split>/<task>.jsonl")
+    p.add_argument("--model", type=os.path.normpath, default="toy", help="'toy' (tiny model built from a config) or a local checkpoint folder")
+    p.add_argument("--data", type=os.path.normpath, default="data/toy", help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split folder to train on")
     p.add_argument("--tasks", default="detection", help="comma-separated tasks to mix: detection,grounding,spatial")
     p.add_argument("--limit", type=int, default=None, help="use at most this many records per task")
-    p.add_argument("--out", default="runs/sft", help="run folder: metrics.jsonl and the checkpoint 'latest/'")
+    p.add_argument("--out", type=os.path.normpath, default="runs/sft", help="run folder: metrics.jsonl and the checkpoint 'latest/'")
     p.add_argument("--geometry", choices=["auto", "on", "off"], default="auto",
                    help="geometry prior fusion: auto keeps the model's setting (on for toy)")
     p.add_argument("--train-vision", choices=["auto", "yes", "no"], default="auto",

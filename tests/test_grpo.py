@@ -295,15 +295,21 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
     grpo.main(base_args(data_dir, tmp_path / "full", steps=3))
     grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--stop-after", "1"])
-    grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume"])
+    # Spelled differently but the same settings: "digits=1.0" for "digits=1", "data/" for "data".
+    respelled = {"digits=1": "digits=1.0", data_dir: data_dir + "/"}
+    same = [respelled.get(a, a) for a in base_args(data_dir, tmp_path / "cut", steps=3)]
+    grpo.main(same + ["--resume"])
     drop = ("time", "rollout_s", "update_s", "tokens_per_s")
     strip = lambda lines: [{k: v for k, v in line.items() if k not in drop} for line in lines]
     assert strip(metric_lines(tmp_path / "cut")) == strip(metric_lines(tmp_path / "full"))
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # Resuming with another learning rate would splice two runs: refused in one line, nothing written.
+    # Resuming with another reward or learning rate would splice two runs: refused in one line,
+    # nothing written. The reward is named by its flag, compared as parsed weights.
     before = final_weights(tmp_path / "cut")
+    with pytest.raises(SystemExit, match=r"--reward \{'digits': 2.0\} \(checkpoint: \{'digits': 1.0\}\)"):
+        grpo.main([{"digits=1": "digits=2"}.get(a, a) for a in base_args(data_dir, tmp_path / "cut", steps=3)] + ["--resume"])
     with pytest.raises(SystemExit, match=r"--lr 0.002 \(checkpoint: 0.001\)"):
         grpo.main(base_args(data_dir, tmp_path / "cut", steps=3) + ["--resume", "--lr", "2e-3"])
     # Checked before the optimiser state is loaded: another trained-parameter set is the same one line.
