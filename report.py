@@ -82,15 +82,19 @@ def plot_curves(curves: dict, out_path: str, title: str, window: int = 5, size=(
     from PIL import Image, ImageDraw
 
     width, height = size
+    # Margins in pixels around the plot area: y labels on the left, the legend on the right.
     left, right, top, bottom = 60, 180, 40, 50
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     all_steps = [s for steps, _ in curves.values() for s in steps]
     all_values = [v for _, values in curves.values() for v in smooth(values, window)]
+    # Axis ranges: x spans the logged steps (at least one step wide, so one point still draws);
+    # y starts at 0 (rewards are >= 0) and ends at the next half unit above the largest value.
     x0, x1 = min(all_steps), max(max(all_steps), min(all_steps) + 1)
     y0, y1 = 0.0, max(1.0, float(np.ceil(max(all_values) * 2) / 2))
 
     def xy(step: float, value: float) -> tuple[float, float]:
+        """Data coordinates -> pixels (image y grows downwards)."""
         return (left + (step - x0) / (x1 - x0) * (width - left - right),
                 height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom))
 
@@ -104,12 +108,14 @@ def plot_curves(curves: dict, out_path: str, title: str, window: int = 5, size=(
         x, _ = xy(step, y0)
         draw.text((x - 8, height - bottom + 8), f"{step:.0f}", fill="black")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    # One smoothed line per series (the total thicker), and its legend entry on the right.
     for i, (name, (steps, values)) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
         points = [xy(s, v) for s, v in zip(steps, smooth(values, window))]
         draw.line(points, fill=colour, width=3 if name == "reward" else 2)
         draw.line([(width - right + 12, top + 12 + 18 * i), (width - right + 32, top + 12 + 18 * i)], fill=colour, width=3)
         draw.text((width - right + 38, top + 6 + 18 * i), name, fill="black")
+    # Title above the plot area, the x-axis name below it.
     draw.text((left, 12), title, fill="black")
     draw.text(((left + width - right) // 2 - 20, height - 22), "GRPO step", fill="black")
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
@@ -129,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--plot", default="docs/reward_curve.png", help="where the reward curve PNG goes")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window of the plotted curves (steps)")
     args = p.parse_args(argv)
+    # Missing files and malformed results end in one line, not a traceback.
     try:
+        # "name=folder" pairs keep the order given: it is the table's row order.
         runs = {}
         for item in args.runs.split(","):
             name, _, folder = item.partition("=")
