@@ -9,14 +9,19 @@ PY=${PY:-.venv/bin/python}
 SFT_STEPS=${SFT_STEPS:-1000}        # supervised warm-up steps (batch 16)
 GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
 GRPO_TEMP=${GRPO_TEMP:-0.7}         # sampling temperature of the rollouts (see README: 1.0 mostly sharpens)
-EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out detection records per evaluation seed (of 1800)
+EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out detection records per evaluation seed (of 1,800)
 start=$(date +%s)
 
 echo "== 1. synthetic world (train 500 scenes, held-out 600 scenes)"
 # Made once and reused; a folder from an older version with fewer held-out scenes is made again
-# (the table needs scenes.py's defaults: 600 val scenes x 3 detection records).
+# (the table needs scenes.py's defaults: val scenes x detection records per scene), and an SFT
+# checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
+needed=$($PY -c "import scenes; print(scenes.DEFAULT_VAL_SCENES * scenes.DETECTION_RECORDS)")
 val_records=$( [ -f data/toy/val/detection.jsonl ] && wc -l < data/toy/val/detection.jsonl || echo 0 )
-[ "$val_records" -ge 1800 ] || $PY scenes.py --out data/toy --no-progress
+if [ "$val_records" -lt "$needed" ]; then
+  $PY scenes.py --out data/toy --no-progress
+  [ ! -d runs/sft ] || { echo "data/toy was made again: moving the old runs/sft to runs/sft.stale"; rm -rf runs/sft.stale; mv runs/sft runs/sft.stale; }
+fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
 echo "== 2. SFT warm-up"

@@ -40,7 +40,7 @@ Layout on disk (per split, paths in records are relative to the split folder):
 
 Command line:
 
-    python scenes.py --out data/toy --train-scenes 500 --val-scenes 50   # the defaults
+    python scenes.py --out data/toy --train-scenes 500 --val-scenes 600   # the defaults
     python scenes.py --out data/toy --quick
     python scenes.py preview --data data/toy --out docs/preview.png
 
