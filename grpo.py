@@ -453,16 +453,14 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.default_rng([seed, step, index]).integers(2**31))
 
 
-def load_policy(args, d):
-    """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint."""
-    latest = runtime.resolve_checkpoint(os.path.join(args.out, "latest"))
-    source = latest if args.resume else args.init
-    if args.resume and not os.path.isdir(latest):
-        raise SystemExit(f"error: nothing to resume: {latest} does not exist")
-    init = args.init
-    if args.resume:  # the reference stays the policy the run started from, whatever --init says now
-        with open(os.path.join(latest, runtime.STATE_FILE)) as f:
-            init = json.load(f)["args"]["init"]
+def load_policy(args, d, resume_state: dict | None = None):
+    """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint.
+
+    On resume the policy comes from the run's checkpoint and the reference stays the policy the
+    run started from (`resume_state["args"]["init"]`), whatever --init says now.
+    """
+    source = runtime.resolve_checkpoint(os.path.join(args.out, "latest")) if resume_state else args.init
+    init = resume_state["args"]["init"] if resume_state else args.init
     for path in {source, init}:
         if path != "toy" and not os.path.isdir(path):
             hint = " (make it with: python sft.py)" if path == DEFAULT_INIT else ""
@@ -489,20 +487,27 @@ def main(argv: list[str] | None = None) -> None:
         records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
     except (FileNotFoundError, data.RecordError) as e:
         raise SystemExit(f"error: {e}")
+    latest = os.path.join(args.out, "latest")  # where checkpoints go
+    resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
+    resume_state = None
+    if args.resume:
+        if not os.path.isdir(resume_from):
+            raise SystemExit(f"error: nothing to resume: {latest} does not exist")
+        # Checked before any model is loaded. --init is not used on resume (policy and reference
+        # come from the checkpoint's run), and the parsed weights are compared instead of the
+        # --reward text: "f1=1" and "f1=1.0" agree.
+        resume_state = runtime.read_training_state(resume_from, vars(args), also_free=("init", "reward"),
+                                                   flag_of={"weights": "reward"})
     # The policy starts from the SFT checkpoint; the reference (for the KL term) is a frozen copy
     # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
     # geometry merger learn.
-    net, ref, tokenizer, image_cfg = load_policy(args, d)
+    net, ref, tokenizer, image_cfg = load_policy(args, d, resume_state)
     params = runtime.trainable_parameters(net, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    latest = os.path.join(args.out, "latest")  # where checkpoints go
-    resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
     start_step = 0
-    if args.resume:
-        # --init is not used on resume (policy and reference come from the checkpoint's run), and
-        # the parsed weights are compared instead of the --reward text: "f1=1" and "f1=1.0" agree.
-        start_step = runtime.load_training_state(resume_from, optimizer, vars(args), also_free=("init", "reward"),
-                                                  flag_of={"weights": "reward"})["step"]
+    if resume_state:
+        runtime.restore_training_state(resume_from, optimizer)
+        start_step = resume_state["step"]
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
     # DDP so that gradients are averaged over processes.
     ddp_net = DDP(net) if d.enabled else net

@@ -269,13 +269,14 @@ def end_of_step(step: int, end_step: int, args, d: Dist, net, tokenizer, image_c
             dist.barrier()
 
 
-def load_training_state(path: str, optimizer, args: dict | None = None, also_free: tuple[str, ...] = (),
+def read_training_state(path: str, args: dict | None = None, also_free: tuple[str, ...] = (),
                         flag_of: dict[str, str] | None = None) -> dict:
-    """Restore optimiser and RNG states from a checkpoint folder; return its `state` dict.
+    """The `state` dict of a resumable checkpoint folder, after checking the new run's flags.
 
-    With `args` (the new run's flags), `check_resume_args` runs first, before anything is loaded,
-    so that changed settings stop the run with its one-line message rather than a traceback from
-    an optimiser whose parameter groups no longer match.
+    With `args` (the new run's flags), `check_resume_args` runs here, before any weights or
+    optimiser state are loaded, so that changed settings stop the run at once with its one-line
+    message rather than after minutes of loading, or with a traceback from an optimiser whose
+    parameter groups no longer match.
     """
     for name in (OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
         if not os.path.exists(os.path.join(path, name)):
@@ -284,12 +285,16 @@ def load_training_state(path: str, optimizer, args: dict | None = None, also_fre
         state = json.load(f)
     if args is not None:
         check_resume_args(state.get("args", {}), args, also_free, flag_of)
+    return state
+
+
+def restore_training_state(path: str, optimizer) -> None:
+    """Load the optimiser state and the torch / numpy / Python RNG states saved in `path`."""
     optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
     rng = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    return state
 
 
 # Flags that may differ on --resume: bookkeeping that does not change what is computed.

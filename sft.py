@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         source = runtime.resolve_checkpoint(latest) if args.resume else args.model
         if args.resume and not os.path.isdir(source):
             raise FileNotFoundError(f"nothing to resume: {latest} does not exist")
+        # Every setting must match the checkpoint's, --model included: the weights come from the
+        # checkpoint, but --model still decides (with --train-vision auto) which parameters train.
+        # Checked before the model is loaded, so a refused resume costs no loading time.
+        resume_state = runtime.read_training_state(source, vars(args)) if args.resume else None
         # On --resume the weights come from the checkpoint; otherwise from --model ("toy" builds it).
         geometry = {"auto": None, "on": True, "off": False}[args.geometry]
         net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed)
@@ -164,10 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     # AdamW with beta2 = 0.95, the usual choice for language-model training (nanoGPT's too).
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
-    if args.resume:
-        # Every setting must match the checkpoint's, --model included: the weights come from the
-        # checkpoint, but --model still decides (with --train-vision auto) which parameters train.
-        start_step = runtime.load_training_state(source, optimizer, vars(args))["step"]
+    if resume_state:
+        runtime.restore_training_state(source, optimizer)
+        start_step = resume_state["step"]
     # DDP averages gradients over processes on the last micro-batch's backward (see train_step).
     ddp_net = DDP(net) if d.enabled else net
 
