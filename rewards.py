@@ -799,6 +799,27 @@ def iou_reward(completion: str, record: dict) -> float:
 
 
 @_reward(0.0, 1.0)
+def iou_both_ways_reward(completion: str, record: dict) -> float:
+    """R_IoU made recall-aware (an ablation, not the paper's R_IoU): the mean of R_IoU's
+    precision-like half (each predicted box's best IoU with any true box) and a recall-like half
+    (each true box's best IoU with any prediction), labels ignored as in R_IoU.
+
+    Why: R_IoU alone rises when a doubtful box is left out (the mean over predictions loses its
+    lowest term), and GRPO runs with it answered fewer boxes than the SFT model (README item 16).
+    Here a missed object costs its share of the second half. Empty cases as R_IoU.
+    Example: truth [chair, table], prediction [chair exactly] -> 0.5 * 1 + 0.5 * (1 + 0) / 2 = 0.75.
+    """
+    both = _detection(completion, record)
+    if both is None:
+        return 0.0
+    pred, gt = both
+    if not pred or not gt:
+        return 1.0 if not pred and not gt else 0.0
+    ious = iou_matrix(pred, gt)                                  # (num_pred, num_gt)
+    return 0.5 * float(ious.max(axis=1).mean()) + 0.5 * float(ious.max(axis=0).mean())
+
+
+@_reward(0.0, 1.0)
 def f1_reward(completion: str, record: dict) -> float:
     """R_F1 in [0, 1]: 2TP / (2TP + FP + FN) with `match_detections` at IoU > 0.25.
     Empty prediction and empty ground truth: 1 (nothing to find, nothing claimed); exactly
@@ -930,6 +951,7 @@ REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "iou": iou_reward,
     "f1": f1_reward,
+    "iou_both": iou_both_ways_reward,
     "centre": centre_reward,
     "frame": frame_reward,
     "grounding_iou": grounding_iou_reward,

@@ -458,6 +458,27 @@ def test_detection_malformed():
     assert R.format_reward(text, DET_GT) == 1.0 and R.iou_reward(text, DET_GT) == 1.0
 
 
+def test_iou_both_ways_reward():
+    half_found = det_answer([det("chair", CHAIR)])
+    assert R.iou_both_ways_reward(half_found, DET_GT) == pytest.approx(0.75)   # docstring example
+    assert R.iou_reward(half_found, DET_GT) == 1.0                             # R_IoU misses the miss
+    assert R.iou_both_ways_reward(det_answer([det("chair", CHAIR), det("table", TABLE)]), DET_GT) == 1.0
+    assert R.iou_both_ways_reward(det_answer([det("sofa", CHAIR)]), DET_GT) == pytest.approx(0.75)  # labels ignored
+    assert R.iou_both_ways_reward(det_answer([]), det_record([])) == 1.0
+    assert R.iou_both_ways_reward(det_answer([]), DET_GT) == 0.0
+    assert R.iou_both_ways_reward("no answer", DET_GT) == 0.0
+    # parity with a plain loop over box3d_iou, on shifted and resized copies of the two boxes
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        pred = [det("x", [*(np.array(b[:3]) + rng.normal(0, 0.4, 3)), *(np.array(b[3:6]) * rng.uniform(0.7, 1.3, 3)), *b[6:]])
+                for b in (CHAIR, TABLE)[:int(rng.integers(1, 3))]]
+        gt = [g["bbox_3d"] for g in DET_GT["boxes"]]
+        iou = [[R.box3d_iou(p["bbox_3d"], g) for g in gt] for p in pred]
+        by_hand = 0.5 * sum(max(row) for row in iou) / len(pred) + 0.5 * sum(
+            max(iou[i][j] for i in range(len(pred))) for j in range(len(gt))) / len(gt)
+        assert R.iou_both_ways_reward(det_answer(pred), DET_GT) == pytest.approx(by_hand, abs=1e-9)
+
+
 def centre_by_hand(pred: list[dict], gt: list[dict], scale: float) -> float:
     """R_centre re-computed with plain loops (the parity reference for the vectorised one)."""
     def close(a: dict, b: dict) -> float:
@@ -622,7 +643,7 @@ def test_rewards_outside_their_task_are_zero():
 # ---------------------------------------------------------------------------------------------
 
 def test_tables():
-    assert set(R.REWARDS) == {"format", "iou", "f1", "centre", "frame", "grounding_iou",
+    assert set(R.REWARDS) == {"format", "iou", "f1", "iou_both", "centre", "frame", "grounding_iou",
                               "accuracy", "mra", "spatial"}
     assert R.TASK_REWARDS == {"detection": {"format": 1, "iou": 1, "f1": 1},
                               "grounding": {"format": 1, "frame": 1, "grounding_iou": 1},
