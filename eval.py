@@ -554,27 +554,20 @@ def run_compare(args: argparse.Namespace) -> None:
     print(compare_table(results[0], results[1], names, more=results[2:]))
 
 
-def resolve_device(name: str) -> str:
-    """--device auto -> "cuda" when available, else "cpu"."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run_eval(args: argparse.Namespace) -> None:
     """Evaluate one model: load, generate, score, print the table, save the JSON."""
     import torch
 
     import model as model_lib
+    import runtime
 
-    # Check the data first: a typo in --data should not cost a model load.
+    # Check the data and the device first: a typo in either should not cost a model load.
     for task in args.tasks:
         load_eval_records(args.data, args.split, task, args.limit, args.seed)
+    device = runtime.resolve_device(args.device)
     geometry = {"auto": None, "on": True, "off": False}[args.geometry]
     net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry, dtype=getattr(torch, args.dtype))
-    net.to(resolve_device(args.device))
+    net.to(device)
     results = evaluate(net, tokenizer, image_cfg, args.data, args.split, args.tasks, args.limit, args.seed,
                        args.batch_size, args.max_new_tokens, progress=not args.no_progress, samples=args.samples)
     results["meta"]["model"] = args.model

@@ -48,15 +48,33 @@ class Dist:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
+
+    A name torch does not know, or CUDA on a machine without it, ends in one line instead of a
+    traceback from the first tensor moved there.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}, but this machine has no usable CUDA GPU (use --device cpu)")
+    return device
+
+
 def setup_distributed(device: str = "auto") -> Dist:
     """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set), else one process."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
+    kind = device.type
     if "RANK" not in os.environ:
-        return Dist(device=torch.device(device))
+        return Dist(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
+    if kind == "cuda":
+        # Under torchrun each process takes the GPU of its local rank ("cuda" and "cuda:N" alike).
         torch.cuda.set_device(local_rank)
         # nccl for CUDA tensors, gloo for the few CPU scalars we all-reduce (token counts, logs)
         dist.init_process_group("cpu:gloo,cuda:nccl")

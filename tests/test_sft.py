@@ -116,3 +116,15 @@ def test_answer_loss_from_the_suffix_equals_the_full_loss(tmp_path):
     assert suffix.item() == pytest.approx(full.item(), rel=1e-5)
     assert too_short.item() < full.item() - 1e-3        # one position fewer drops a scored token
     assert sft.logits_needed(torch.zeros_like(mask)) == 0
+
+
+def test_device_flag_errors_are_one_line(monkeypatch):
+    import runtime
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="'gpu' is not a device"):
+        runtime.setup_distributed("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SystemExit, match=f"--device {device}, but this machine has no usable CUDA GPU"):
+            runtime.setup_distributed(device)
+    assert runtime.setup_distributed("auto").device == torch.device("cpu")
