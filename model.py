@@ -85,7 +85,12 @@ class ImageConfig:
 
 
 def image_config_from_dir(path: str, config: Qwen2_5_VLConfig) -> ImageConfig:
-    """Read `preprocessor_config.json` of a real checkpoint when present, else use the defaults."""
+    """Read `preprocessor_config.json` of a real checkpoint when present, else use the defaults.
+
+    The pixel budget is written two ways: older checkpoints say `min_pixels` / `max_pixels`, newer
+    transformers save `size: {"shortest_edge", "longest_edge"}`, which despite the names are the
+    same two pixel counts. Both are read; the explicit min/max_pixels win, as in transformers.
+    """
     vision = config.vision_config
     image_config = ImageConfig(
         patch_size=vision.patch_size,
@@ -96,6 +101,10 @@ def image_config_from_dir(path: str, config: Qwen2_5_VLConfig) -> ImageConfig:
     if os.path.exists(processor_file):
         with open(processor_file) as f:
             processor = json.load(f)
+        size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
+        for key, size_key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if size.get(size_key):
+                setattr(image_config, key, int(size[size_key]))
         for key in ("image_mean", "image_std", "min_pixels", "max_pixels"):
             if key in processor:
                 value = processor[key]

@@ -230,3 +230,21 @@ def test_banned_ids_cover_specials_and_unused_rows(toy):
     assert tokenizer.pad_token_id in banned and tokenizer.convert_tokens_to_ids(model.IMAGE_PAD) in banned
     assert banned[-3:] == [len(tokenizer), len(tokenizer) + 1, len(tokenizer) + 2]
     assert tokenizer.convert_tokens_to_ids("<answer>") not in banned  # format tags stay sampleable
+
+
+def test_image_config_reads_both_pixel_budget_spellings(tmp_path, toy):
+    net = toy[0]
+    config = net.lm.config
+
+    def read(processor: dict) -> model.ImageConfig:
+        with open(tmp_path / "preprocessor_config.json", "w") as f:
+            json.dump(processor, f)
+        return model.image_config_from_dir(str(tmp_path), config)
+
+    newer = read({"size": {"shortest_edge": 3136, "longest_edge": 12845056}, "image_mean": [0.5, 0.5, 0.5]})
+    assert (newer.min_pixels, newer.max_pixels, newer.image_mean) == (3136, 12845056, (0.5, 0.5, 0.5))
+    older = read({"min_pixels": 1000, "max_pixels": 2000, "size": {"shortest_edge": 3136, "longest_edge": 9}})
+    assert (older.min_pixels, older.max_pixels) == (1000, 2000)       # explicit keys win
+    default = model.ImageConfig()
+    plain = read({"size": {"height": 224, "width": 224}})              # another processor's size: ignored
+    assert (plain.min_pixels, plain.max_pixels) == (default.min_pixels, default.max_pixels)
