@@ -27,7 +27,6 @@ Run:  python grpo.py                        (from runs/sft/latest, toy data, CPU
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -60,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=os.path.normpath, default="data/toy", help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split to draw prompts from")
     p.add_argument("--task", default="detection", choices=data.TASKS, help="task whose prompts and rewards are used")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many prompts")
+    p.add_argument("--limit", type=runtime.int_at_least(1), default=None, help="use at most this many prompts")
     p.add_argument("--out", type=os.path.normpath, default="runs/grpo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
     p.add_argument("--reward", default=None,
                    help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); default: the task's")
@@ -453,13 +452,13 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.default_rng([seed, step, index]).integers(2**31))
 
 
-def load_policy(args, d, resume_state: dict | None = None):
+def load_policy(args, d, resume_from: str, resume_state: dict | None = None):
     """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint.
 
     On resume the policy comes from the run's checkpoint and the reference stays the policy the
     run started from (`resume_state["args"]["init"]`), whatever --init says now.
     """
-    source = runtime.resolve_checkpoint(os.path.join(args.out, "latest")) if resume_state else args.init
+    source = resume_from if resume_state else args.init
     init = resume_state["args"]["init"] if resume_state else args.init
     for path in {source, init}:
         if path != "toy" and not os.path.isdir(path):
@@ -491,8 +490,6 @@ def main(argv: list[str] | None = None) -> None:
     resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
     resume_state = None
     if args.resume:
-        if not os.path.isdir(resume_from):
-            raise SystemExit(f"error: nothing to resume: {latest} does not exist")
         # Checked before any model is loaded. --init is not used on resume (policy and reference
         # come from the checkpoint's run), and the parsed weights are compared instead of the
         # --reward text: "f1=1" and "f1=1.0" agree.
@@ -501,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     # The policy starts from the SFT checkpoint; the reference (for the KL term) is a frozen copy
     # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
     # geometry merger learn.
-    net, ref, tokenizer, image_cfg = load_policy(args, d, resume_state)
+    net, ref, tokenizer, image_cfg = load_policy(args, d, resume_from, resume_state)
     params = runtime.trainable_parameters(net, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start_step = 0

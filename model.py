@@ -106,7 +106,7 @@ def image_config_from_dir(path: str, config: Qwen2_5_VLConfig) -> ImageConfig:
             if size.get(size_key):
                 setattr(image_config, key, int(size[size_key]))
         for key in ("image_mean", "image_std", "min_pixels", "max_pixels"):
-            if key in processor:
+            if processor.get(key) is not None:   # an explicit null means "not set", as in transformers
                 value = processor[key]
                 setattr(image_config, key, tuple(value) if isinstance(value, list) else value)
     return image_config

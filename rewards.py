@@ -798,6 +798,20 @@ def iou_reward(completion: str, record: dict) -> float:
     return float(iou_matrix(pred, gt).max(axis=1).mean())
 
 
+def _both_ways(completion: str, record: dict, score: Callable[[list[dict], list[dict]], np.ndarray]) -> float:
+    """Mean of a (pred x truth) score matrix's two chamfer halves: each prediction's best truth
+    (precision-like) and each truth's best prediction (recall-like). Empty prediction and empty
+    truth: 1; exactly one empty: 0; not a detection answer: 0."""
+    both = _detection(completion, record)
+    if both is None:
+        return 0.0
+    pred, gt = both
+    if not pred or not gt:
+        return 1.0 if not pred and not gt else 0.0
+    matrix = score(pred, gt)
+    return 0.5 * float(matrix.max(axis=1).mean()) + 0.5 * float(matrix.max(axis=0).mean())
+
+
 @_reward(0.0, 1.0)
 def iou_both_ways_reward(completion: str, record: dict) -> float:
     """R_IoU made recall-aware (an ablation, not the paper's R_IoU): the mean of R_IoU's
@@ -805,18 +819,11 @@ def iou_both_ways_reward(completion: str, record: dict) -> float:
     (each true box's best IoU with any prediction), labels ignored as in R_IoU.
 
     Why: R_IoU alone rises when a doubtful box is left out (the mean over predictions loses its
-    lowest term), and GRPO runs with it answered fewer boxes than the SFT model (README item 16).
+    lowest term), and GRPO runs with it answered fewer boxes than the SFT model (README item 19).
     Here a missed object costs its share of the second half. Empty cases as R_IoU.
     Example: truth [chair, table], prediction [chair exactly] -> 0.5 * 1 + 0.5 * (1 + 0) / 2 = 0.75.
     """
-    both = _detection(completion, record)
-    if both is None:
-        return 0.0
-    pred, gt = both
-    if not pred or not gt:
-        return 1.0 if not pred and not gt else 0.0
-    ious = iou_matrix(pred, gt)                                  # (num_pred, num_gt)
-    return 0.5 * float(ious.max(axis=1).mean()) + 0.5 * float(ious.max(axis=0).mean())
+    return _both_ways(completion, record, iou_matrix)
 
 
 @_reward(0.0, 1.0)
@@ -847,18 +854,16 @@ def centre_reward(completion: str, record: dict) -> float:
     one safe box can win it. Empty prediction and empty truth: 1; exactly one empty: 0.
     Example: truth [chair at (0, 0, 2)], prediction [chair at (0, 0, 2.5)] -> exp(-1) = 0.37.
     """
-    both = _detection(completion, record)
-    if both is None:
-        return 0.0
-    pred, gt = both
-    if not pred or not gt:
-        return 1.0 if not pred and not gt else 0.0
+    return _both_ways(completion, record, centre_closeness)
+
+
+def centre_closeness(pred: list[dict], gt: list[dict]) -> np.ndarray:
+    """(num_pred, num_gt): exp(-centre distance / CENTRE_SCALE_M) for same-label pairs, else 0."""
     centres_p = np.array([b["bbox_3d"][:3] for b in pred], dtype=np.float64)
     centres_g = np.array([b["bbox_3d"][:3] for b in gt], dtype=np.float64)
     same = np.array([[norm_label(p["label"]) == norm_label(g["label"]) for g in gt] for p in pred])
     distance = np.linalg.norm(centres_p[:, None, :] - centres_g[None, :, :], axis=-1)
-    closeness = np.where(same, np.exp(-distance / CENTRE_SCALE_M), 0.0)   # (num_pred, num_gt)
-    return 0.5 * float(closeness.max(axis=1).mean()) + 0.5 * float(closeness.max(axis=0).mean())
+    return np.where(same, np.exp(-distance / CENTRE_SCALE_M), 0.0)
 
 
 # --- grounding ------------------------------------------------------------------------------

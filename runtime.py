@@ -62,6 +62,8 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"error: --device {name!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}, but this machine has no usable CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}, but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -74,7 +76,8 @@ def setup_distributed(device: str = "auto") -> Dist:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if kind == "cuda":
-        # Under torchrun each process takes the GPU of its local rank ("cuda" and "cuda:N" alike).
+        # Under torchrun each process takes the GPU of its local rank; an index in --device is
+        # ignored there (CUDA_VISIBLE_DEVICES chooses the GPUs of a torchrun job).
         torch.cuda.set_device(local_rank)
         # nccl for CUDA tensors, gloo for the few CPU scalars we all-reduce (token counts, logs)
         dist.init_process_group("cpu:gloo,cuda:nccl")
@@ -163,7 +166,7 @@ def add_run_arguments(p, log_every: int, save_every: int) -> None:
     p.add_argument("--eval-limit", type=int_at_least(1), default=32, help="held-out records per periodic evaluation")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/latest exactly (same settings; only logging, checkpoint, evaluation, --stop-after, --out and device flags may change)")
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--stop-after", type=int_at_least(1), default=None,
                    help="end this run after this step (schedules still span --steps)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -296,6 +299,8 @@ def read_training_state(path: str, args: dict | None = None, also_free: tuple[st
     message rather than after minutes of loading, or with a traceback from an optimiser whose
     parameter groups no longer match.
     """
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: nothing to resume: {path} does not exist")
     for name in (OPTIMIZER_FILE, STATE_FILE, RNG_FILE):
         if not os.path.exists(os.path.join(path, name)):
             raise SystemExit(f"error: {path} is not a resumable checkpoint (no {name})")

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=os.path.normpath, default="data/toy", help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split folder to train on")
     p.add_argument("--tasks", default="detection", help="comma-separated tasks to mix: detection,grounding,spatial")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many records per task")
+    p.add_argument("--limit", type=runtime.int_at_least(1), default=None, help="use at most this many records per task")
     p.add_argument("--out", type=os.path.normpath, default="runs/sft", help="run folder: metrics.jsonl and the checkpoint 'latest/'")
     p.add_argument("--geometry", choices=["auto", "on", "off"], default="auto",
                    help="geometry prior fusion: auto keeps the model's setting (on for toy)")
@@ -150,8 +150,6 @@ def main(argv: list[str] | None = None) -> None:
         records = load_training_records(args)
         latest = os.path.join(args.out, "latest")
         source = runtime.resolve_checkpoint(latest) if args.resume else args.model
-        if args.resume and not os.path.isdir(source):
-            raise FileNotFoundError(f"nothing to resume: {latest} does not exist")
         # Every setting must match the checkpoint's, --model included: the weights come from the
         # checkpoint, but --model still decides (with --train-vision auto) which parameters train.
         # Checked before the model is loaded, so a refused resume costs no loading time.

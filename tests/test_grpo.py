@@ -318,6 +318,18 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in final_weights(tmp_path / "cut").items())
 
 
+def test_resume_checks_come_before_any_model_load(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
+    out = tmp_path / "early"
+    with pytest.raises(SystemExit, match="nothing to resume: .*latest does not exist"):
+        grpo.main(base_args(data_dir, out) + ["--resume"])
+    grpo.main(base_args(data_dir, out, steps=2) + ["--stop-after", "1"])
+    # A refused resume must not cost a model load (minutes for a real checkpoint).
+    monkeypatch.setattr(grpo.model_lib, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    with pytest.raises(SystemExit, match="--lr 0.002"):
+        grpo.main(base_args(data_dir, out, steps=2) + ["--resume", "--lr", "2e-3"])
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
     out = tmp_path / "nan"

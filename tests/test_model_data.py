@@ -245,6 +245,8 @@ def test_image_config_reads_both_pixel_budget_spellings(tmp_path, toy):
     assert (newer.min_pixels, newer.max_pixels, newer.image_mean) == (3136, 12845056, (0.5, 0.5, 0.5))
     older = read({"min_pixels": 1000, "max_pixels": 2000, "size": {"shortest_edge": 3136, "longest_edge": 9}})
     assert (older.min_pixels, older.max_pixels) == (1000, 2000)       # explicit keys win
+    nulls = read({"min_pixels": None, "max_pixels": None, "size": {"shortest_edge": 3136, "longest_edge": 9999}})
+    assert (nulls.min_pixels, nulls.max_pixels) == (3136, 9999)      # null means "not set"
     default = model.ImageConfig()
     plain = read({"size": {"height": 224, "width": 224}})              # another processor's size: ignored
     assert (plain.min_pixels, plain.max_pixels) == (default.min_pixels, default.max_pixels)
