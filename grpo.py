@@ -193,18 +193,22 @@ def row_sampler(seeds: list[int], temperature: float):
 @torch.no_grad()
 def sample_groups(net: model_lib.RFTModel, prompts: list[dict], args, banned: list[int],
                   seeds: list[int], pad_id: int) -> torch.Tensor:
-    """G completions of every prompt in one batched, KV-cached `generate`; (B*G, new_tokens).
+    """G completions of every prompt, all groups in one KV-cached `generate`; (B*G, new_tokens).
 
-    Each prompt (and its visual tokens, computed once in prepare_prompt) is repeated G times,
-    rows prompt-major (row = b * G + g). Decoding is greedy over logits that row_sampler has
-    perturbed, which samples; row b * G + g draws from the seed (seeds[b], g).
+    The shared work runs once per prompt: its visual tokens (computed in prepare_prompt) are
+    fused with the geometry prior and the prompt is prefilled once, its KV cache then copied G
+    times (model.prefill). Decoding runs over B*G rows, prompt-major (row = b * G + g): greedy
+    over logits that row_sampler has perturbed, which samples; row b * G + g draws from the seed
+    (seeds[b], g). For video prompts of thousands of visual tokens the prefill is most of the
+    rollout's compute, so doing it once instead of G times is the saving (DESIGN.md section 5).
     """
-    batch = stack_prompts([p for p in prompts for _ in range(args.group_size)], pad_id)
+    batch = stack_prompts(prompts, pad_id)
     embeds = net.fuse_geometry(batch["vision"], batch["image_grid_thw"], batch["geometry"])
+    prefilled = net.prefill(batch, embeds, copies=args.group_size)
     row_seeds = [int(np.random.default_rng([s, g]).integers(2**63)) for s in seeds for g in range(args.group_size)]
-    return net.generate(
-        batch, image_embeds=embeds, do_sample=False, max_new_tokens=args.max_new_tokens, suppress_tokens=banned,
-        logits_processor=[row_sampler(row_seeds, args.temperature)],
+    return net.generate_from(
+        batch, prefilled, copies=args.group_size, do_sample=False, max_new_tokens=args.max_new_tokens,
+        suppress_tokens=banned, logits_processor=[row_sampler(row_seeds, args.temperature)],
     )
 
 

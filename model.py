@@ -244,6 +244,48 @@ class RFTModel(nn.Module):
         )
         return out[:, batch["input_ids"].shape[1]:]
 
+    @torch.no_grad()
+    def prefill(self, batch: dict, image_embeds: BaseModelOutputWithPooling, copies: int) -> tuple:
+        """Run each prompt once and copy its KV cache `copies` times: the shared work of a group.
+
+        All but the last prompt token go through the model (visual tokens included); the cache
+        rows are then repeated prompt-major (row = b * copies + g), together with Qwen's rope
+        offsets (the 3-D positions of the visual tokens leave each prompt's text positions
+        shifted by a per-prompt delta, which decoding must keep adding). `generate_from` then
+        decodes from the last prompt token. Returns (cache, rope_deltas).
+        """
+        self.lm.model.rope_deltas = None
+        out = self.lm(
+            input_ids=batch["input_ids"][:, :-1],
+            attention_mask=batch["attention_mask"][:, :-1],
+            mm_token_type_ids=batch["mm_token_type_ids"][:, :-1],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_encoder_outputs={"image": image_embeds},
+            use_cache=True,
+            logits_to_keep=1,  # the logits are not needed, only the cache
+        )
+        out.cache.batch_repeat_interleave(copies)
+        return out.cache, self.lm.model.rope_deltas.repeat_interleave(copies, dim=0)
+
+    @torch.no_grad()
+    def generate_from(self, batch: dict, prefilled: tuple, copies: int, **kwargs) -> torch.Tensor:
+        """Decode `copies` completions per prompt from `prefill`'s cache; (batch*copies, new).
+
+        Only the last prompt token is new to the model here, so no visual input is passed: the
+        cache already holds the frames. Rows are prompt-major, as in `prefill`.
+        """
+        cache, rope_deltas = prefilled
+        self.lm.model.rope_deltas = rope_deltas
+        repeat = lambda t: t.repeat_interleave(copies, dim=0)
+        out = self.lm.generate(
+            input_ids=repeat(batch["input_ids"]),
+            attention_mask=repeat(batch["attention_mask"]),
+            mm_token_type_ids=repeat(batch["mm_token_type_ids"]),
+            cache=cache,
+            **kwargs,
+        )
+        return out[:, batch["input_ids"].shape[1]:]
+
 
 # =====================================================================================
 # The tiny model and its offline tokenizer

@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -174,6 +175,29 @@ def test_samples_do_not_depend_on_the_batch(data_dir):
     pad_to = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)
     assert torch.equal(both, torch.cat([pad_to(first), pad_to(second)]))
     assert not torch.equal(both[0], both[1])  # the G samples of a group differ
+
+
+def test_prefill_once_per_group_matches_prefill_per_sample(data_dir):
+    """sample_groups prefills each prompt once and copies its cache G times; the samples must be
+    those of the plain way, every one of the B*G rows prefilled on its own (left padding too)."""
+    import data
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
+    records[1]["conversations"][0]["value"] += " Be precise."  # prompts of different lengths
+    G, pad = 3, tokenizer.pad_token_id
+    args = grpo.parse_args(["--group-size", str(G), "--max-new-tokens", "12", "--temperature", "0.7"])
+    banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
+    once = grpo.sample_groups(net, prompts, args, banned, [11, 22], pad)
+    batch = grpo.stack_prompts([p for p in prompts for _ in range(G)], pad)      # B*G full prompts
+    embeds = net.fuse_geometry(batch["vision"], batch["image_grid_thw"], batch["geometry"])
+    row_seeds = [int(np.random.default_rng([s, g]).integers(2**63)) for s in (11, 22) for g in range(G)]
+    per_sample = net.generate(batch, image_embeds=embeds, do_sample=False, max_new_tokens=12, suppress_tokens=banned,
+                              logits_processor=[grpo.row_sampler(row_seeds, 0.7)])
+    assert torch.equal(once, per_sample)
+    assert len({tuple(row.tolist()) for row in once}) > 2  # real samples, not one repeated answer
 
 
 def test_completion_logprobs_match_a_plain_per_row_computation(data_dir):
