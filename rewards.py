@@ -789,26 +789,25 @@ def iou_reward(completion: str, record: dict) -> float:
     (labels ignored). Empty prediction and empty ground truth: 1 (a perfect answer); exactly
     one of them empty: 0. Malformed answer or non-detection record: 0.
     """
+    return _score_boxes(completion, record, lambda pred, gt: float(iou_matrix(pred, gt).max(axis=1).mean()))
+
+
+def _score_boxes(completion: str, record: dict, score: Callable[[list[dict], list[dict]], float]) -> float:
+    """The box rewards' shared frame: `score(pred, gt)` when both lists are non-empty; empty
+    prediction and empty truth: 1 (a perfect answer); exactly one empty: 0; not a detection
+    answer (malformed, or another task): 0."""
     both = _detection(completion, record)
     if both is None:
         return 0.0
     pred, gt = both
     if not pred or not gt:
         return 1.0 if not pred and not gt else 0.0
-    return float(iou_matrix(pred, gt).max(axis=1).mean())
+    return score(pred, gt)
 
 
-def _both_ways(completion: str, record: dict, score: Callable[[list[dict], list[dict]], np.ndarray]) -> float:
+def _both_ways(matrix: np.ndarray) -> float:
     """Mean of a (pred x truth) score matrix's two chamfer halves: each prediction's best truth
-    (precision-like) and each truth's best prediction (recall-like). Empty prediction and empty
-    truth: 1; exactly one empty: 0; not a detection answer: 0."""
-    both = _detection(completion, record)
-    if both is None:
-        return 0.0
-    pred, gt = both
-    if not pred or not gt:
-        return 1.0 if not pred and not gt else 0.0
-    matrix = score(pred, gt)
+    (precision-like) and each truth's best prediction (recall-like)."""
     return 0.5 * float(matrix.max(axis=1).mean()) + 0.5 * float(matrix.max(axis=0).mean())
 
 
@@ -823,7 +822,7 @@ def iou_both_ways_reward(completion: str, record: dict) -> float:
     Here a missed object costs its share of the second half. Empty cases as R_IoU.
     Example: truth [chair, table], prediction [chair exactly] -> 0.5 * 1 + 0.5 * (1 + 0) / 2 = 0.75.
     """
-    return _both_ways(completion, record, iou_matrix)
+    return _score_boxes(completion, record, lambda pred, gt: _both_ways(iou_matrix(pred, gt)))
 
 
 @_reward(0.0, 1.0)
@@ -854,7 +853,7 @@ def centre_reward(completion: str, record: dict) -> float:
     one safe box can win it. Empty prediction and empty truth: 1; exactly one empty: 0.
     Example: truth [chair at (0, 0, 2)], prediction [chair at (0, 0, 2.5)] -> exp(-1) = 0.37.
     """
-    return _both_ways(completion, record, centre_closeness)
+    return _score_boxes(completion, record, lambda pred, gt: _both_ways(centre_closeness(pred, gt)))
 
 
 def centre_closeness(pred: list[dict], gt: list[dict]) -> np.ndarray:

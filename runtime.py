@@ -70,12 +70,11 @@ def resolve_device(name: str) -> torch.device:
 def setup_distributed(device: str = "auto") -> Dist:
     """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set), else one process."""
     device = resolve_device(device)
-    kind = device.type
     if "RANK" not in os.environ:
         return Dist(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if kind == "cuda":
+    if device.type == "cuda":
         # Under torchrun each process takes the GPU of its local rank; an index in --device is
         # ignored there (CUDA_VISIBLE_DEVICES chooses the GPUs of a torchrun job).
         torch.cuda.set_device(local_rank)
