@@ -331,28 +331,32 @@ def completion_logprobs(
 ) -> torch.Tensor:
     """log p(completion token | frames, prompt, earlier tokens) for the given rows, (len(rows), T).
 
-    The prompt of each row is its group's prompt; the ViT output is reused from the rollout (the
-    per-prompt work), the geometry merger and the LLM run here with gradients (per-completion work).
-    `reuse_vision=False` re-runs the ViT (needed when it is trained, or for a reference model
-    whose ViT differs from the policy's).
+    The per-prompt work is done once per prompt among the rows: the ViT output is reused from the
+    rollout, and the prompt's pass through the LLM runs once, its KV cache shared by the rows that
+    continue it (`model.RFTModel._score_continuations`); the per-completion work is then only the
+    completion's own tokens. Both run with gradients. `reuse_vision=False` re-runs the ViT
+    (needed when it is trained, or for a reference model whose ViT differs from the policy's).
     Special tokens are masked and logits divided by the temperature exactly as during sampling, so
     the scored distribution is the one that was sampled.
     """
     G = ro.completion_ids.shape[0] // len(ro.prompts)
-    batch = stack_prompts([ro.prompts[r // G] for r in rows], ro.pad_id)
+    if rows != sorted(rows):
+        raise ValueError("completion_logprobs needs rows in increasing order (grouped by prompt)")
+    owners = [r // G for r in rows]
+    distinct = sorted(set(owners))  # the prompts of these rows, each run once
+    batch = stack_prompts([ro.prompts[b] for b in distinct], ro.pad_id)
     comp = ro.completion_ids[rows].to(batch["input_ids"].device)
-    # Only the last T + 1 positions' logits are computed: position t predicts token t + 1, so the
-    # logits at the prompt's last token .. the completion's second-to-last score the T completion tokens.
     logits = net(
-        input_ids=torch.cat([batch["input_ids"], comp], 1),
-        attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(comp)], 1),
-        mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(comp)], 1),
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
         image_grid_thw=batch["image_grid_thw"],
         vision=batch["vision"] if reuse_vision else None,
-        pixel_values=None if reuse_vision else torch.cat([ro.prompts[r // G]["pixel_values"] for r in rows]),
+        pixel_values=None if reuse_vision else torch.cat([ro.prompts[b]["pixel_values"] for b in distinct]),
         geometry=batch["geometry"],
-        logits_to_keep=comp.shape[1] + 1,
-    )[:, :-1].float()
+        completion_ids=comp,
+        copies=[owners.count(b) for b in distinct],
+    ).float()
     logits[..., banned] = -float("inf")
     logp = torch.log_softmax(logits / temperature, dim=-1)
     # Padding after EOS is a banned token (log-prob -inf); it is masked out of the loss, and set

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -200,6 +201,8 @@ class RFTModel(nn.Module):
         geometry: torch.Tensor | None = None,
         vision: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        completion_ids: torch.Tensor | None = None,
+        copies: list[int] | None = None,
         **_: object,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab). Pass precomputed `vision` (from `vision_tokens`) to skip the ViT.
@@ -207,12 +210,21 @@ class RFTModel(nn.Module):
         `logits_to_keep` = k > 0 returns only the last k positions' logits, (batch, k, vocab): the
         LM head then never materialises (batch x sequence x vocabulary) numbers, which for a real
         152k vocabulary and thousands of visual tokens would not fit in memory. 0 keeps all.
+
+        With `completion_ids` (rows, T) and `copies` (one count per prompt, summing to rows), the
+        batch holds distinct prompts and the rows continue them in order, `copies[b]` rows for
+        prompt b: see `_score_continuations`. (A mode of `forward` so that DDP, which hooks
+        `forward` only, sees the call.)
         """
         if vision is None:
             vision = self.vision_tokens(pixel_values, image_grid_thw)
         image_embeds = self.fuse_geometry(vision, image_grid_thw, geometry)
         # Reset the cached rope offsets: they belong to the last `generate` call, not this batch.
         self.lm.model.rope_deltas = None
+        if completion_ids is not None:
+            prompt = {"input_ids": input_ids, "attention_mask": attention_mask,
+                      "mm_token_type_ids": mm_token_type_ids, "image_grid_thw": image_grid_thw}
+            return self._score_continuations(prompt, image_embeds, completion_ids, copies)
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -223,6 +235,51 @@ class RFTModel(nn.Module):
             logits_to_keep=logits_to_keep,
         )
         return out.logits
+
+    def _score_continuations(
+        self, prompt: dict, image_embeds: BaseModelOutputWithPooling, completion_ids: torch.Tensor,
+        copies: list[int],
+    ) -> torch.Tensor:
+        """Logits scoring each completion token, (rows, T, vocab), with every prompt run once.
+
+        Position t of the result predicts completion token t: position 0 is the prompt's last
+        token. It equals running each row's prompt + completion through `forward` and keeping the
+        last T + 1 positions but one; the GRPO parity test checks values and gradients. In video
+        GRPO a prompt is hundreds to thousands of tokens and a completion tens, so the G rows of a
+        group share the prompt's pass (the training analogue of `prefill`):
+          1. per prompt: the prompt once, keeping its KV cache (with gradients) and the last logits;
+          2. per completion: each prompt's cache rows copied over its completions (autograd sums
+             the copies' gradients back into the prompt's pass), then the completion's own tokens.
+        The copies are `expand` views concatenated, whose backward is a plain sum: gathering with
+        an index tensor instead gives a backward that adds with CPU atomics, in a varying order,
+        so two identical runs would differ in the last bits and resume would not be exact.
+        """
+        repeat = lambda t: torch.cat([t[b:b + 1].expand(n, *t.shape[1:]) for b, n in enumerate(copies)])
+        P, T = prompt["input_ids"].shape[1], completion_ids.shape[1]
+        # Qwen's 3-D rotary positions of prompt + completion, once per prompt: completion tokens
+        # are text, so their positions do not depend on which tokens they are (placeholder 0s).
+        positions, _ = self.lm.model.get_rope_index(
+            F.pad(prompt["input_ids"], (0, T)), mm_token_type_ids=F.pad(prompt["mm_token_type_ids"], (0, T)),
+            image_grid_thw=prompt["image_grid_thw"], attention_mask=F.pad(prompt["attention_mask"], (0, T), value=1),
+        )
+        first = self.lm(**prompt, position_ids=positions[:, :, :P], mm_encoder_outputs={"image": image_embeds},
+                        use_cache=True, logits_to_keep=1)
+        logits = repeat(first.logits)  # predicts completion token 0
+        if T == 1:
+            return logits
+        cache = first.cache
+        for layer in cache.layers:
+            layer.keys, layer.values = repeat(layer.keys), repeat(layer.values)
+        # The last completion token predicts nothing that is scored, so it is not fed.
+        rest = self.lm(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=torch.cat([repeat(prompt["attention_mask"]),
+                                      prompt["attention_mask"].new_ones(len(completion_ids), T - 1)], 1),
+            position_ids=repeat(positions.transpose(0, 1)).transpose(0, 1)[:, :, P:-1],
+            cache=cache,
+            use_cache=True,
+        )
+        return torch.cat([logits, rest.logits], 1)
 
     @torch.no_grad()
     def generate(self, batch: dict, image_embeds: BaseModelOutputWithPooling | None = None, **kwargs) -> torch.Tensor:
@@ -444,6 +501,13 @@ def load_model(
         if not os.path.exists(merger_file):
             raise FileNotFoundError(f"{merger_file} is missing although {RFT_CONFIG_FILE} says geometry_dim={saved_dim}")
         model.geometry_merger.load_state_dict(load_file(merger_file))
+    # The loaded tensors can be views at arbitrary offsets of the file's buffer; fresh copies are
+    # 64-byte aligned like those of a model built in memory, so that the vectorised kernels (and
+    # with them the last bits of every result) do not depend on where a tensor sat in the file:
+    # a resumed run then repeats the uninterrupted one exactly.
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
     image_config = image_config_from_dir(name_or_dir, lm.config)
     if "image_config" in extra:
         image_config = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra["image_config"].items()})

@@ -234,6 +234,52 @@ def test_completion_logprobs_match_a_plain_per_row_computation(data_dir):
                 torch.testing.assert_close(batched[row, t], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_shared_prompt_pass_gives_the_gradient_of_one_pass_per_row(data_dir):
+    """The prompt runs once per group and its KV cache is copied over the G completions; the
+    gradient must still be that of scoring every row on its own (prompt + completion through the
+    plain forward), since the prompt's positions carry gradient too. Rows of both prompts in one
+    call, prompts of different lengths (left padding), and the ViT trained (reuse_vision=False)."""
+    import data
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
+    records[1]["conversations"][0]["value"] += " Be precise."
+    G, T = 3, 5
+    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
+    banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    ids = torch.randint(10, 200, (len(records) * G, T))
+    mask = torch.ones_like(ids)
+    ro = grpo.Rollouts(records, prompts, ids, mask, torch.zeros(len(ids), dtype=torch.bool), [""] * len(ids),
+                       torch.zeros(len(ids)), pad_id=tokenizer.pad_token_id)
+    weights = torch.randn(len(ids), T)  # an arbitrary loss, so that every token's gradient counts
+
+    def gradients(loss):
+        net.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    rows = [1, 2, 3, 4]  # the last two of prompt 0, the first two of prompt 1
+    shared = gradients((grpo.completion_logprobs(net, ro, rows, banned, 1.0, reuse_vision=False) * weights[rows]).sum())
+    per_row = 0.0
+    for row in rows:
+        p = prompts[row // G]
+        logits = net(input_ids=torch.cat([p["input_ids"], ids[row:row + 1]], 1),
+                     attention_mask=torch.ones(1, p["input_ids"].shape[1] + T, dtype=torch.long),
+                     mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros(1, T, dtype=torch.long)], 1),
+                     image_grid_thw=p["image_grid_thw"], pixel_values=p["pixel_values"], geometry=p["geometry"],
+                     logits_to_keep=T + 1)[0, :-1].float()
+        logits[:, banned] = -float("inf")
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[row].unsqueeze(-1)).squeeze(-1)
+        per_row = per_row + (logp * weights[row]).sum()
+    plain = gradients(per_row)
+    assert shared.keys() == plain.keys() and any(n.startswith("lm.model.visual") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(shared[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="increasing order"):
+        grpo.completion_logprobs(net, ro, [3, 1], banned, 1.0)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def digit_share(completion: str, record: dict) -> float:
