@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
-SFT_STEPS=${SFT_STEPS:-1000}        # supervised warm-up steps (batch 16)
+SFT_STEPS=${SFT_STEPS:-2500}        # supervised warm-up steps (batch 16)
 GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
 GRPO_TEMP=${GRPO_TEMP:-0.7}         # sampling temperature of the rollouts (see README: 1.0 mostly sharpens)
 EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out detection records per evaluation seed (of 600 scenes x 3)
@@ -25,7 +25,19 @@ fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
 echo "== 2. SFT warm-up"
-[ -f runs/sft/latest/trainer_state.json ] || $PY sft.py --out runs/sft --steps "$SFT_STEPS" --no-progress
+# A finished runs/sft is reused, unless it was trained for another step count or toy model size
+# (e.g. by an older version of this script): it is then moved aside to runs/sft.stale.
+reusable=$($PY -c "
+import json, model
+try:
+    args = json.load(open('runs/sft/latest/trainer_state.json'))['args']
+    text = json.load(open('runs/sft/latest/config.json'))['text_config']
+except (OSError, KeyError, ValueError):
+    print('no'); raise SystemExit
+size = model.ToySize()
+print('yes' if (args['steps'], text['hidden_size'], text['num_hidden_layers']) == ($SFT_STEPS, size.hidden, size.layers) else 'stale')")
+[ "$reusable" != stale ] || { echo "runs/sft has other settings: moving it to runs/sft.stale"; rm -rf runs/sft.stale; mv runs/sft runs/sft.stale; }
+[ "$reusable" = yes ] || $PY sft.py --out runs/sft --steps "$SFT_STEPS" --no-progress
 
 echo "== 3. GRPO from the SFT checkpoint (timed)"
 t0=$(date +%s)
