@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import re
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -482,7 +483,11 @@ def parse_json(answer_text: str) -> Any:
     except Exception:
         pass
     try:
-        return ast.literal_eval(text)
+        # Python warns (SyntaxWarning, DeprecationWarning) about some malformed text before it
+        # fails, e.g. "[1.2or 3]": during RL that would print a line per bad sample.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ast.literal_eval(text)
     except Exception:
         return None
 

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-vision", choices=["auto", "yes", "no"], default="auto",
                    help="train the ViT too: auto = yes for the randomly initialised toy model, no for a checkpoint")
     # optimisation
-    p.add_argument("--steps", type=runtime.int_at_least(1), default=1000, help="optimiser steps")
+    p.add_argument("--steps", type=runtime.int_at_least(1), default=2500, help="optimiser steps")
     p.add_argument("--batch-size", type=runtime.int_at_least(1), default=16, help="global batch (records per optimiser step, all processes)")
     p.add_argument("--micro-batch", type=runtime.int_at_least(1), default=8, help="records per forward pass (gradient accumulation)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (the toy model needs a large one)")

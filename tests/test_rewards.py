@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,15 @@ def test_parse_json():
     assert R.parse_json("[1, 2") is None
     assert R.parse_json("") is None
     assert R.parse_json(None) is None
+
+
+def test_parse_json_is_silent_on_text_python_warns_about():
+    """Malformed model output is normal during RL: it scores 0 without a line of stderr each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert R.parse_json("[1.2or 3]") is None            # SyntaxWarning: invalid decimal literal
+        assert R.parse_json('["\\d"]') == ["\\d"]          # DeprecationWarning: invalid escape
+    assert caught == []
 
 
 def test_parse_boxes():
