@@ -16,28 +16,32 @@ echo "== 1. synthetic world (train 500 scenes, held-out 600 scenes)"
 # Made once and reused; a folder from an older version with fewer held-out scenes is made again
 # (the table needs scenes.py's defaults: val scenes x detection records per scene), and an SFT
 # checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
+set_sft_aside() { echo "$1: moving runs/sft to runs/sft.stale"; rm -rf runs/sft.stale; mv runs/sft runs/sft.stale; }
 needed=$($PY -c "import scenes; print(scenes.DEFAULT_VAL_SCENES * scenes.DETECTION_RECORDS)")
 val_records=$( [ -f data/toy/val/detection.jsonl ] && wc -l < data/toy/val/detection.jsonl || echo 0 )
 if [ "$val_records" -lt "$needed" ]; then
   $PY scenes.py --out data/toy --no-progress
-  [ ! -d runs/sft ] || { echo "data/toy was made again: moving the old runs/sft to runs/sft.stale"; rm -rf runs/sft.stale; mv runs/sft runs/sft.stale; }
+  [ ! -d runs/sft ] || set_sft_aside "data/toy was made again"
 fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
 echo "== 2. SFT warm-up"
-# A finished runs/sft is reused, unless it was trained for another step count or toy model size
-# (e.g. by an older version of this script): it is then moved aside to runs/sft.stale.
+# A finished runs/sft is reused, unless it stopped early or was trained for another step count
+# or toy model size (e.g. by an older version of this script): it is then moved aside.
 reusable=$($PY -c "
 import json, model
 try:
-    args = json.load(open('runs/sft/latest/trainer_state.json'))['args']
+    state = json.load(open('runs/sft/latest/trainer_state.json'))
     text = json.load(open('runs/sft/latest/config.json'))['text_config']
-except (OSError, KeyError, ValueError):
-    print('no'); raise SystemExit
-size = model.ToySize()
-print('yes' if (args['steps'], text['hidden_size'], text['num_hidden_layers']) == ($SFT_STEPS, size.hidden, size.layers) else 'stale')")
-[ "$reusable" != stale ] || { echo "runs/sft has other settings: moving it to runs/sft.stale"; rm -rf runs/sft.stale; mv runs/sft runs/sft.stale; }
-[ "$reusable" = yes ] || $PY sft.py --out runs/sft --steps "$SFT_STEPS" --no-progress
+    size = model.ToySize()
+    same = (state['step'], state['args']['steps'], text['hidden_size'], text['num_hidden_layers'])
+    print('yes' if same == ($SFT_STEPS, $SFT_STEPS, size.hidden, size.layers) else 'no')
+except (OSError, KeyError, TypeError, ValueError):
+    print('no')")
+if [ "$reusable" != yes ]; then
+  [ ! -d runs/sft ] || set_sft_aside "runs/sft is unfinished or has other settings"
+  $PY sft.py --out runs/sft --steps "$SFT_STEPS" --no-progress
+fi
 
 echo "== 3. GRPO from the SFT checkpoint (timed)"
 t0=$(date +%s)

@@ -16,8 +16,10 @@ One step = three plain functions, as in GRPO-Zero:
     1. `rollout`          sample G completions per prompt, score them   -> Rollouts
     2. `group_advantages` normalise rewards within each group           -> advantages
     3. `update_policy`    the clipped objective over micro-chunks        -> gradient step
-The per-prompt work (the frozen ViT over the frames) is done once per group and reused for the G
-samples, the policy pass and the reference pass; the per-completion work is kept separate. All the
+The per-prompt work is done once per group: the frozen ViT over the frames, and the prompt's pass
+through the LLM, whose KV cache is copied over the G completions when sampling (`model.prefill`)
+and when scoring them for the policy and reference passes (`completion_logprobs`); the
+per-completion work is kept separate. All the
 step's groups are sampled in one batched `generate` (a CPU decoding step costs about the same for
 8 rows as for 64), each row from its own random stream so that samples do not depend on batching.
 
@@ -68,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-step", type=runtime.int_at_least(1), default=8, help="prompts per step over all processes")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default: by task)")
+    p.add_argument("--max-new-tokens", type=runtime.int_at_least(1), default=None, help="completion budget (default: by task)")
     p.add_argument("--eps", type=float, default=0.2, help="clip range: ratio kept within [1-eps, 1+eps_high]")
     p.add_argument("--eps-high", type=float, default=None, help="upper clip (DAPO's clip-higher); default = --eps")
     p.add_argument("--beta", type=float, default=0.04, help="KL penalty to the frozen initial policy (0 = no reference model)")

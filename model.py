@@ -250,10 +250,13 @@ class RFTModel(nn.Module):
           1. per prompt: the prompt once, keeping its KV cache (with gradients) and the last logits;
           2. per completion: each prompt's cache rows copied over its completions (autograd sums
              the copies' gradients back into the prompt's pass), then the completion's own tokens.
-        The copies are `expand` views concatenated, whose backward is a plain sum: gathering with
-        an index tensor instead gives a backward that adds with CPU atomics, in a varying order,
-        so two identical runs would differ in the last bits and resume would not be exact.
+        The copies are `expand` views concatenated, whose backward is a plain sum; with a gather
+        by an index tensor instead, two identical runs were seen to differ in the last bits.
+        The prompts must be left-padded (as `grpo.stack_prompts` does), so that each one's last
+        position is its last real token.
         """
+        if copies is None or sum(copies) != len(completion_ids) or len(copies) != len(prompt["input_ids"]):
+            raise ValueError("copies must give, for each prompt, how many completion rows continue it")
         repeat = lambda t: torch.cat([t[b:b + 1].expand(n, *t.shape[1:]) for b, n in enumerate(copies)])
         P, T = prompt["input_ids"].shape[1], completion_ids.shape[1]
         # Qwen's 3-D rotary positions of prompt + completion, once per prompt: completion tokens
@@ -265,8 +268,8 @@ class RFTModel(nn.Module):
         first = self.lm(**prompt, position_ids=positions[:, :, :P], mm_encoder_outputs={"image": image_embeds},
                         use_cache=True, logits_to_keep=1)
         logits = repeat(first.logits)  # predicts completion token 0
-        if T == 1:
-            return logits
+        if T <= 1:
+            return logits[:, :T]
         cache = first.cache
         for layer in cache.layers:
             layer.keys, layer.values = repeat(layer.keys), repeat(layer.values)

@@ -483,8 +483,8 @@ def parse_json(answer_text: str) -> Any:
     except Exception:
         pass
     try:
-        # Python warns (SyntaxWarning, DeprecationWarning) about some malformed text before it
-        # fails, e.g. "[1.2or 3]": during RL that would print a line per bad sample.
+        # Python warns (SyntaxWarning, DeprecationWarning) about some text as it parses it, e.g.
+        # "[1.2or 3]" (then fails) or '["\d"]' (then parses): during RL, a line per such sample.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ast.literal_eval(text)

@@ -221,17 +221,21 @@ def test_completion_logprobs_match_a_plain_per_row_computation(data_dir):
     with torch.no_grad():
         batched = grpo.completion_logprobs(net, ro, list(range(len(ids))), banned, temperature)
         for row in range(len(ids)):
-            p = prompts[row // G]
-            logits = net(input_ids=torch.cat([p["input_ids"], ids[row:row + 1]], 1),
-                         attention_mask=torch.ones(1, p["input_ids"].shape[1] + T, dtype=torch.long),
-                         mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros(1, T, dtype=torch.long)], 1),
-                         image_grid_thw=p["image_grid_thw"], vision=p["vision"], geometry=p["geometry"])[0]
-            start = p["input_ids"].shape[1] - 1  # the prompt's last position predicts completion token 0
-            for t in range(T):
-                scores = logits[start + t].float().clone()
-                scores[banned] = -float("inf")
-                expected = torch.log_softmax(scores / temperature, -1)[ids[row, t]] if mask[row, t] else torch.tensor(0.0)
-                torch.testing.assert_close(batched[row, t], expected, rtol=1e-4, atol=1e-4)
+            expected = one_row_logprobs(net, prompts[row // G], ids[row], banned, temperature, vision=prompts[row // G]["vision"])
+            torch.testing.assert_close(batched[row], expected * mask[row], rtol=1e-4, atol=1e-4)
+
+
+def one_row_logprobs(net, prompt: dict, ids: torch.Tensor, banned, temperature: float, **visual) -> torch.Tensor:
+    """log p of each of one row's completion tokens, the plain way: its prompt and completion alone
+    (no padding, no shared cache) through one ordinary forward, all logits, (T,)."""
+    P, T = prompt["input_ids"].shape[1], len(ids)
+    logits = net(input_ids=torch.cat([prompt["input_ids"], ids[None]], 1),
+                 attention_mask=torch.ones(1, P + T, dtype=torch.long),
+                 mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros(1, T, dtype=torch.long)], 1),
+                 image_grid_thw=prompt["image_grid_thw"], geometry=prompt["geometry"], **visual)[0]
+    scores = logits[P - 1:P - 1 + T].float()  # the prompt's last position predicts completion token 0
+    scores = scores.masked_fill(torch.isin(torch.arange(scores.shape[-1]), torch.tensor(banned)), -float("inf"))
+    return torch.log_softmax(scores / temperature, -1).gather(-1, ids[:, None]).squeeze(-1)
 
 
 def test_shared_prompt_pass_gives_the_gradient_of_one_pass_per_row(data_dir):
@@ -261,17 +265,8 @@ def test_shared_prompt_pass_gives_the_gradient_of_one_pass_per_row(data_dir):
 
     rows = [1, 2, 3, 4]  # the last two of prompt 0, the first two of prompt 1
     shared = gradients((grpo.completion_logprobs(net, ro, rows, banned, 1.0, reuse_vision=False) * weights[rows]).sum())
-    per_row = 0.0
-    for row in rows:
-        p = prompts[row // G]
-        logits = net(input_ids=torch.cat([p["input_ids"], ids[row:row + 1]], 1),
-                     attention_mask=torch.ones(1, p["input_ids"].shape[1] + T, dtype=torch.long),
-                     mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros(1, T, dtype=torch.long)], 1),
-                     image_grid_thw=p["image_grid_thw"], pixel_values=p["pixel_values"], geometry=p["geometry"],
-                     logits_to_keep=T + 1)[0, :-1].float()
-        logits[:, banned] = -float("inf")
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[row].unsqueeze(-1)).squeeze(-1)
-        per_row = per_row + (logp * weights[row]).sum()
+    per_row = sum((one_row_logprobs(net, prompts[row // G], ids[row], banned, 1.0,
+                                    pixel_values=prompts[row // G]["pixel_values"]) * weights[row]).sum() for row in rows)
     plain = gradients(per_row)
     assert shared.keys() == plain.keys() and any(n.startswith("lm.model.visual") for n in plain)
     for name in plain:
