@@ -139,6 +139,29 @@ def geometry_merger(in_dim: int, hidden_dim: int, out_dim: int, zero_init: bool 
     return merger
 
 
+def repeat_rows(t: torch.Tensor, copies: list[int], dim: int = 0) -> torch.Tensor:
+    """Entry b of `t` along `dim` repeated copies[b] times, in order (repeat_interleave by counts).
+
+    Written as `expand` views concatenated, whose backward is a plain sum: with a gather by an
+    index tensor instead, two identical runs were seen to differ in the last bits, and an exact
+    resume needs them equal. Example: rows [a, b], copies [2, 1] -> [a, a, b].
+    """
+    return torch.cat([row.expand(*(n if i == dim else size for i, size in enumerate(row.shape)))
+                      for row, n in zip(t.split(1, dim), copies)], dim)
+
+
+def copy_cache_rows(cache, copies: list[int]):
+    """A prompt batch's KV cache with row b copied copies[b] times (the shared work of a group).
+
+    Used by sampling (`prefill`, no gradients) and by scoring (`_score_continuations`, where
+    autograd sums the copies' gradients back into the prompt's pass). Hugging Face's dynamic
+    cache keeps one (batch, heads, positions, head_dim) key and value tensor per layer.
+    """
+    for layer in cache.layers:
+        layer.keys, layer.values = repeat_rows(layer.keys, copies), repeat_rows(layer.values, copies)
+    return cache
+
+
 class RFTModel(nn.Module):
     """The policy: a Hugging Face Qwen2.5-VL model plus an optional geometry merger.
 
@@ -250,14 +273,11 @@ class RFTModel(nn.Module):
           1. per prompt: the prompt once, keeping its KV cache (with gradients) and the last logits;
           2. per completion: each prompt's cache rows copied over its completions (autograd sums
              the copies' gradients back into the prompt's pass), then the completion's own tokens.
-        The copies are `expand` views concatenated, whose backward is a plain sum; with a gather
-        by an index tensor instead, two identical runs were seen to differ in the last bits.
         The prompts must be left-padded (as `grpo.stack_prompts` does), so that each one's last
         position is its last real token.
         """
         if copies is None or sum(copies) != len(completion_ids) or len(copies) != len(prompt["input_ids"]):
             raise ValueError("copies must give, for each prompt, how many completion rows continue it")
-        repeat = lambda t: torch.cat([t[b:b + 1].expand(n, *t.shape[1:]) for b, n in enumerate(copies)])
         P, T = prompt["input_ids"].shape[1], completion_ids.shape[1]
         # Qwen's 3-D rotary positions of prompt + completion, once per prompt: completion tokens
         # are text, so their positions do not depend on which tokens they are (placeholder 0s).
@@ -267,18 +287,16 @@ class RFTModel(nn.Module):
         )
         first = self.lm(**prompt, position_ids=positions[:, :, :P], mm_encoder_outputs={"image": image_embeds},
                         use_cache=True, logits_to_keep=1)
-        logits = repeat(first.logits)  # predicts completion token 0
+        logits = repeat_rows(first.logits, copies)  # predicts completion token 0
         if T <= 1:
             return logits[:, :T]
-        cache = first.cache
-        for layer in cache.layers:
-            layer.keys, layer.values = repeat(layer.keys), repeat(layer.values)
+        cache = copy_cache_rows(first.cache, copies)
         # The last completion token predicts nothing that is scored, so it is not fed.
         rest = self.lm(
             input_ids=completion_ids[:, :-1],
-            attention_mask=torch.cat([repeat(prompt["attention_mask"]),
+            attention_mask=torch.cat([repeat_rows(prompt["attention_mask"], copies),
                                       prompt["attention_mask"].new_ones(len(completion_ids), T - 1)], 1),
-            position_ids=repeat(positions.transpose(0, 1)).transpose(0, 1)[:, :, P:-1],
+            position_ids=repeat_rows(positions, copies, dim=1)[:, :, P:-1],
             cache=cache,
             use_cache=True,
         )
@@ -324,8 +342,8 @@ class RFTModel(nn.Module):
             use_cache=True,
             logits_to_keep=1,  # the logits are not needed, only the cache
         )
-        out.cache.batch_repeat_interleave(copies)
-        return out.cache, self.lm.model.rope_deltas.repeat_interleave(copies, dim=0)
+        cache = copy_cache_rows(out.cache, [copies] * len(batch["input_ids"]))
+        return cache, self.lm.model.rope_deltas.repeat_interleave(copies, dim=0)
 
     @torch.no_grad()
     def generate_from(self, batch: dict, prefilled: tuple, copies: int, **kwargs) -> torch.Tensor:
