@@ -1,4 +1,4 @@
-"""Throughput of the exact 3D IoU in rewards.py (pairs per second, one CPU thread).
+"""Throughput of the exact 3D IoU in boxes.py (pairs per second, one CPU thread).
 
     python bench_iou.py --pairs 2000
 
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from rewards import box3d_iou
+from boxes import box3d_iou
 
 
 def random_boxes(rng: np.random.Generator, n: int, spread: float, aligned: bool) -> np.ndarray:

@@ -108,6 +108,10 @@ def grounding_answer(frame: int, bbox: Sequence[float]) -> str:
     return '{"frame":' + str(int(frame)) + ',"bbox_3d":[' + numbers + "]}"
 
 
+# The answer-format tags are ordinary (non-special) tokens: decoding must keep them for the rewards.
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
 def wrap_answer(answer: str, think: str = "") -> str:
     """The completion format the rewards check: <think>...</think><answer>...</answer>."""
     return f"<think>{think}</think><answer>{answer}</answer>"
@@ -340,12 +344,17 @@ def geometry_to_tokens(geometry: np.ndarray, grids: torch.Tensor, merge: int) ->
 # =====================================================================================
 
 SYSTEM_PROMPT = "You are a helpful assistant."
+# Qwen2.5-VL's special tokens, by name, so that prompts are built the same way for the toy model
+# and for a real checkpoint (model.py gives the toy tokenizer exactly these).
+PAD_TOKEN = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # chat turns; <|im_end|> is the EOS of an answer
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 
 
 def prompt_text(human: str, tokens_per_image: Sequence[int]) -> str:
     """The chat prompt (Qwen2.5's template) with each <image> expanded to its visual pad tokens."""
-    from model import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
-
     pieces = human.split(IMAGE_PLACEHOLDER)
     text = pieces[0]
     for n, piece in zip(tokens_per_image, pieces[1:]):
@@ -356,8 +365,6 @@ def prompt_text(human: str, tokens_per_image: Sequence[int]) -> str:
 
 def target_text(record: dict) -> str:
     """The completion SFT teaches: the record's answer in the <think></think><answer> format."""
-    from model import IM_END
-
     return wrap_answer(record["conversations"][1]["value"]) + IM_END
 
 
@@ -387,13 +394,11 @@ def collate(records: Sequence[dict], tokenizer, image_cfg, with_answer: bool = T
 
     Sequences are left-padded (so generation can continue every row at the same position);
     `loss_mask` is 1 on answer tokens (the completion, EOS included) and 0 on the prompt, the
-    visual tokens and padding: the SFT loss of DESIGN.md section 1 uses only the answer.
+    visual tokens and padding: the SFT loss (docs/DESIGN.md, "The method") uses only the answer.
     Returns input_ids, attention_mask, mm_token_type_ids, loss_mask (B, L); pixel_values,
     image_grid_thw, geometry (all frames of the batch, in order). With with_answer=False the
     completion starts at column input_ids.shape[1].
     """
-    from model import IMAGE_PAD
-
     image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     merge2 = image_cfg.merge_size**2
     sequences, masks, pixels, grids, geometries = [], [], [], [], []

@@ -310,9 +310,9 @@ def grounding_metrics(records: Sequence[dict], completions: Sequence[str]) -> di
 
 def metric_name(question_type: str) -> str:
     """What a question type's score is: "accuracy" (multiple choice) or "mra" (numeric)."""
-    if question_type in rewards.MC_TYPES:
+    if question_type in data.MC_QUESTION_TYPES:
         return "accuracy"
-    if question_type in rewards.NUMERIC_TYPES:
+    if question_type in data.NUMERIC_QUESTION_TYPES:
         return "mra"
     return "score"  # an unknown type: the reward decides from the record (options / answer)
 

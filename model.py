@@ -34,18 +34,15 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLCo
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as hf_logging
 
+import data  # the record format: prompt wording and the chat template's special tokens
+from data import (FORMAT_TAGS, IM_END, IMAGE_PAD, PAD_TOKEN, SPECIAL_TOKENS, VIDEO_PAD, VISION_END,
+                  VISION_START)
+
 # =====================================================================================
-# Special tokens (the Qwen2.5-VL names, so that prompts are built the same way for the toy model
-# and for a real checkpoint)
+# Toy tokenizer pieces (the chat template's special tokens and the answer-format tags live
+# in data.py, where the prompts are built)
 # =====================================================================================
 
-PAD_TOKEN = "<|endoftext|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # chat turns; <|im_end|> is the EOS of an answer
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-SPECIAL_TOKENS = [PAD_TOKEN, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
-# The answer-format tags are ordinary (non-special) tokens: decoding must keep them for the rewards.
-FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 # The toy tokenizer also keeps the fixed JSON pieces of answers whole: shorter completions make
 # CPU rollouts cheaper (a real Qwen tokenizer has its own merges for them).
 TOY_JSON_PIECES = ['{"label":"', '","bbox_3d":[', "]}", '{"frame":', ',"bbox_3d":[']
@@ -398,7 +395,6 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    import data  # the prompt wording is part of the corpus
 
     corpus = [TOY_CORPUS, data.DETECTION_PROMPT, data.GROUNDING_PROMPT, data.SPATIAL_PREFIX,
               data.SPATIAL_NUMERIC_SUFFIX, data.SPATIAL_MC_SUFFIX, data.SYSTEM_PROMPT]
@@ -412,7 +408,7 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
                                   initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.add_tokens(FORMAT_TAGS + TOY_JSON_PIECES + TOY_NUMBER_PIECES)
+    tok.add_tokens([*FORMAT_TAGS, *TOY_JSON_PIECES, *TOY_NUMBER_PIECES])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token=PAD_TOKEN, eos_token=IM_END,
         additional_special_tokens=SPECIAL_TOKENS[1:],

@@ -63,7 +63,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import data  # prompts, answers and the frame sampler: the one place that knows the VG LLM format
-from rewards import box_corners, box_rotation, rotation_to_euler_zxy  # the box convention
+from boxes import box_corners, box_rotation, rotation_to_euler_zxy  # the box convention
 
 # =====================================================================================
 # Constants: image, camera, room and the object categories
@@ -141,7 +141,7 @@ FLOOR_TILE = 0.5
 # Rotations (the DESIGN.md "Boxes" convention)
 # =====================================================================================
 # The box maths (R = Rz(yaw) @ Rx(roll) @ Ry(pitch), corners, ZXY Euler angles) lives in
-# rewards.py: the world uses the very functions the rewards score with.
+# boxes.py: the world uses the very functions the rewards score with.
 
 # Columns: world directions of a "camera-like" object frame (x right, y down, z forward) that
 # looks along world +y. An upright object with heading 0 has rotation CAMERA_LIKE (object to world).
@@ -1042,7 +1042,7 @@ def generate(out_dir: str, split: str, num_scenes: int, seed_offset: int | None 
 # Preview: frames of one detection record with the projected ground-truth boxes
 # =====================================================================================
 
-# The 12 edges of a box, as pairs of corner indices: rewards.box_corners gives corner k the
+# The 12 edges of a box, as pairs of corner indices: boxes.box_corners gives corner k the
 # signs of its bits (x: 4, y: 2, z: 1), so edges join corners that differ in one bit.
 BOX_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
 

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+import boxes
 import eval as ev
 import rewards
 from tests.test_model_data import make_records
@@ -59,8 +60,8 @@ def detection_case():
 
 
 def test_the_exact_iou_edges_are_exact():
-    assert rewards.box3d_iou(box(3, 0, 2, dx=2.0), C2) == 0.5
-    assert rewards.box3d_iou(box(0, 0, 3, dx=4.0), C3) == 0.25
+    assert boxes.box3d_iou(box(3, 0, 2, dx=2.0), C2) == 0.5
+    assert boxes.box3d_iou(box(0, 0, 3, dx=4.0), C3) == 0.25
 
 
 def test_detection_metrics_by_hand():

@@ -227,7 +227,7 @@ def test_banned_ids_cover_specials_and_unused_rows(toy):
     _, tokenizer, _ = toy
     banned = model.special_token_ids(tokenizer, vocab_size=len(tokenizer) + 3)
     assert tokenizer.eos_token_id not in banned
-    assert tokenizer.pad_token_id in banned and tokenizer.convert_tokens_to_ids(model.IMAGE_PAD) in banned
+    assert tokenizer.pad_token_id in banned and tokenizer.convert_tokens_to_ids(data.IMAGE_PAD) in banned
     assert banned[-3:] == [len(tokenizer), len(tokenizer) + 1, len(tokenizer) + 2]
     assert tokenizer.convert_tokens_to_ids("<answer>") not in banned  # format tags stay sampleable
 

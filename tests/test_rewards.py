@@ -1,8 +1,7 @@
-"""Tests for rewards.py: box maths, exact 3D IoU, safe parsing, and every reward.
+"""Tests for rewards.py: safe parsing, the metrics, and every reward.
 
-The IoU is checked against independent computations (closed form for axis-aligned boxes, a
-Monte Carlo volume estimate for oriented ones); the rewards against hand-worked values; and
-all rewards against a few thousand random and hostile strings.
+The rewards are checked against hand-worked values, and all of them against a few thousand
+random and hostile strings (the box maths and the IoU are tested in test_boxes.py).
 """
 
 from __future__ import annotations
@@ -20,259 +19,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import boxes as B  # noqa: E402
 import rewards as R  # noqa: E402
+from tests.test_boxes import random_rigid  # noqa: E402
 
 RNG_SEED = 1234
+
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def random_box(rng: np.random.Generator, centre_scale: float = 1.0, aligned: bool = False,
-               ) -> list[float]:
-    centre = rng.uniform(-centre_scale, centre_scale, 3)
-    size = rng.uniform(0.3, 2.0, 3)
-    angles = np.zeros(3) if aligned else rng.uniform(-math.pi, math.pi, 3)
-    return [float(v) for v in (*centre, *size, *angles)]
-
-
-def random_rigid(rng: np.random.Generator) -> np.ndarray:
-    T = np.eye(4)
-    T[:3, :3] = R.box_rotation(*rng.uniform(-math.pi, math.pi, 3))
-    T[:3, 3] = rng.uniform(-5, 5, 3)
-    return T
-
-
-def aligned_iou(a: list[float], b: list[float]) -> float:
-    """Closed form for two axis-aligned boxes (all angles zero)."""
-    a, b = np.asarray(a), np.asarray(b)
-    lo = np.maximum(a[:3] - a[3:6] / 2, b[:3] - b[3:6] / 2)
-    hi = np.minimum(a[:3] + a[3:6] / 2, b[:3] + b[3:6] / 2)
-    inter = float(np.prod(np.clip(hi - lo, 0, None)))
-    return inter / (np.prod(a[3:6]) + np.prod(b[3:6]) - inter)
-
-
-def in_box(points: np.ndarray, box: list[float]) -> np.ndarray:
-    """Point-in-oriented-box test through the inverse rotation."""
-    b = np.asarray(box)
-    local = (points - b[:3]) @ R.box_rotation(*b[6:9])   # = R^T (p - c) row-wise
-    return (np.abs(local) <= b[3:6] / 2).all(axis=1)
-
-
-def monte_carlo_iou(a: list[float], b: list[float], rng: np.random.Generator,
-                    n: int = 200_000) -> float:
-    corners = np.concatenate([R.box_corners(a), R.box_corners(b)])
-    lo, hi = corners.min(0), corners.max(0)
-    pts = rng.uniform(lo, hi, (n, 3))
-    ia, ib = in_box(pts, a), in_box(pts, b)
-    inter = (ia & ib).mean() * np.prod(hi - lo)
-    va, vb = np.prod(a[3:6]), np.prod(b[3:6])
-    return float(inter / (va + vb - inter))
-
-
 def completion(answer: str, think: str = "reasoning") -> str:
     return f"<think>{think}</think><answer>{answer}</answer>"
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. box maths
-# ---------------------------------------------------------------------------------------------
-
-def test_box_rotation_is_zxy_composition():
-    yaw, roll, pitch = 0.3, -0.7, 1.1
-    cz, sz = math.cos(yaw), math.sin(yaw)
-    cx, sx = math.cos(roll), math.sin(roll)
-    cy, sy = math.cos(pitch), math.sin(pitch)
-    Rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    Rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    Ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    np.testing.assert_allclose(R.box_rotation(yaw, roll, pitch), Rz @ Rx @ Ry, atol=1e-12)
-
-
-def test_box_corners_axis_aligned():
-    c = R.box_corners([1, 2, 3, 2, 4, 6, 0, 0, 0])
-    assert c.shape == (8, 3)
-    np.testing.assert_allclose(c.min(0), [0, 0, 0])
-    np.testing.assert_allclose(c.max(0), [2, 4, 6])
-    # corner order: bit 4 = x sign, bit 2 = y sign, bit 1 = z sign
-    np.testing.assert_allclose(c[0], [0, 0, 0])
-    np.testing.assert_allclose(c[1], [0, 0, 6])
-    np.testing.assert_allclose(c[2], [0, 4, 0])
-    np.testing.assert_allclose(c[4], [2, 0, 0])
-    # yaw = pi/2 turns the local x axis onto +y
-    c = R.box_corners([0, 0, 0, 2, 1, 1, math.pi / 2, 0, 0])
-    np.testing.assert_allclose(c.max(0), [0.5, 1, 0.5], atol=1e-12)
-
-
-def test_euler_round_trip():
-    rng = np.random.default_rng(RNG_SEED)
-    for _ in range(500):
-        yaw, pitch = rng.uniform(-math.pi, math.pi, 2)
-        roll = rng.uniform(-math.pi / 2 + 1e-3, math.pi / 2 - 1e-3)
-        got = R.rotation_to_euler_zxy(R.box_rotation(yaw, roll, pitch))
-        np.testing.assert_allclose(got, (yaw, roll, pitch), atol=1e-9)
-    # any angles, including out of range: the rotation is reproduced
-    for _ in range(500):
-        angles = rng.uniform(-4, 4, 3)
-        M = R.box_rotation(*angles)
-        np.testing.assert_allclose(R.box_rotation(*R.rotation_to_euler_zxy(M)), M, atol=1e-9)
-
-
-@pytest.mark.parametrize("roll", [math.pi / 2, -math.pi / 2])
-def test_euler_gimbal_lock(roll):
-    M = R.box_rotation(0.4, roll, 0.9)
-    yaw, roll2, pitch = R.rotation_to_euler_zxy(M)
-    assert pitch == 0.0 and abs(roll2 - roll) < 1e-9
-    np.testing.assert_allclose(R.box_rotation(yaw, roll2, pitch), M, atol=1e-9)
-
-
-def test_transform_box_moves_corners_rigidly():
-    rng = np.random.default_rng(RNG_SEED)
-    for _ in range(200):
-        box, T = random_box(rng), random_rigid(rng)
-        moved = R.transform_box(box, T)
-        assert len(moved) == 9 and all(isinstance(v, float) for v in moved)
-        assert moved[3:6] == pytest.approx(box[3:6])
-        expected = R.box_corners(box) @ T[:3, :3].T + T[:3, 3]
-        np.testing.assert_allclose(R.box_corners(moved), expected, atol=1e-9)
-
-
-def test_transform_box_identity_and_inverse():
-    rng = np.random.default_rng(RNG_SEED)
-    box, T = random_box(rng), random_rigid(rng)
-    np.testing.assert_allclose(R.box_corners(R.transform_box(box, np.eye(4))), R.box_corners(box),
-                               atol=1e-12)
-    back = R.transform_box(R.transform_box(box, T), np.linalg.inv(T))
-    np.testing.assert_allclose(R.box_corners(back), R.box_corners(box), atol=1e-9)
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. exact 3D IoU
-# ---------------------------------------------------------------------------------------------
-
-def test_iou_axis_aligned_closed_form():
-    rng = np.random.default_rng(RNG_SEED)
-    nonzero = 0
-    for _ in range(300):
-        a, b = random_box(rng, aligned=True), random_box(rng, 0.8, aligned=True)
-        expected = aligned_iou(a, b)
-        nonzero += expected > 0
-        assert R.box3d_iou(a, b) == pytest.approx(expected, abs=1e-9)
-    assert nonzero > 100
-
-
-def test_iou_oriented_matches_monte_carlo():
-    rng = np.random.default_rng(RNG_SEED)
-    checked = 0
-    while checked < 12:
-        a, b = random_box(rng, 0.3), random_box(rng, 0.3)
-        exact = R.box3d_iou(a, b)
-        if exact < 0.02:
-            continue
-        mc = monte_carlo_iou(a, b, rng)
-        assert exact == pytest.approx(mc, abs=0.015), (a, b)
-        checked += 1
-
-
-def test_iou_hand_values():
-    cube2 = [0, 0, 0, 2, 2, 2, 0, 0, 0]
-    # half overlap along x: intersection 1*2*2 = 4, union 8 + 8 - 4 = 12
-    assert R.box3d_iou(cube2, [1, 0, 0, 2, 2, 2, 0, 0, 0]) == pytest.approx(1 / 3, abs=1e-12)
-    # quarter overlap in x and y
-    assert R.box3d_iou(cube2, [1, 1, 0, 2, 2, 2, 0, 0, 0]) == pytest.approx(2 / 14, abs=1e-12)
-    # nested: small box inside the big one
-    assert R.box3d_iou(cube2, [0.2, 0.1, 0, 1, 1, 1, 0.3, 0.2, 0.1]) == pytest.approx(1 / 8)
-    # unit cube vs itself turned 45 degrees about any axis: an octagonal prism, IoU = 1/sqrt 2
-    unit = [0, 0, 0, 1, 1, 1, 0, 0, 0]
-    for angles in ([math.pi / 4, 0, 0], [0, math.pi / 4, 0], [0, 0, math.pi / 4]):
-        assert R.box3d_iou(unit, [0, 0, 0, 1, 1, 1, *angles]) == pytest.approx(
-            1 / math.sqrt(2), abs=1e-9)
-
-
-def test_iou_identical_is_one():
-    rng = np.random.default_rng(RNG_SEED)
-    for _ in range(200):
-        box = random_box(rng, 5.0)
-        assert abs(R.box3d_iou(box, box) - 1.0) < 1e-6
-        assert abs(R.corners_iou(R.box_corners(box), R.box_corners(box)) - 1.0) < 1e-6
-
-
-def test_iou_quarter_turns_swap_extents():
-    base = [0.3, -0.2, 2.0, 1.0, 2.0, 3.0, 0, 0, 0]
-    half_pi = math.pi / 2
-    # pitch rotates about camera y: swaps dx and dz
-    assert R.box3d_iou([*base[:3], 3.0, 2.0, 1.0, 0, 0, half_pi], base) == pytest.approx(1, abs=1e-6)
-    # yaw rotates about z: swaps dx and dy; roll rotates about x: swaps dy and dz
-    assert R.box3d_iou([*base[:3], 2.0, 1.0, 3.0, half_pi, 0, 0], base) == pytest.approx(1, abs=1e-6)
-    assert R.box3d_iou([*base[:3], 1.0, 3.0, 2.0, 0, half_pi, 0], base) == pytest.approx(1, abs=1e-6)
-    # a half turn changes nothing
-    assert R.box3d_iou([*base[:6], math.pi, 0, 0], base) == pytest.approx(1, abs=1e-6)
-
-
-def test_iou_disjoint_and_touching_are_zero():
-    rng = np.random.default_rng(RNG_SEED)
-    assert R.box3d_iou([0, 0, 0, 1, 1, 1, 0, 0, 0], [5, 0, 0, 1, 1, 1, 0, 0, 0]) == 0.0
-    assert R.box3d_iou([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 1, 0, 0, 0]) == 0.0
-    assert R.box3d_iou([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0, 0]) == 0.0
-    # touching oriented boxes: shift a box by its own x extent along its own x axis
-    for _ in range(50):
-        box = random_box(rng, 3.0)
-        axis = R.box_rotation(*box[6:9])[:, 0]
-        other = [*(np.asarray(box[:3]) + axis * box[3]), *box[3:]]
-        assert R.box3d_iou(box, other) < 1e-9
-        # overlapping by half of it instead: IoU = 1/3
-        other = [*(np.asarray(box[:3]) + axis * box[3] / 2), *box[3:]]
-        assert R.box3d_iou(box, other) == pytest.approx(1 / 3, abs=1e-9)
-    # AABBs overlap but the oriented boxes do not (a thin rotated slab next to a cube)
-    slab = [1.2, 1.2, 0, 2.0, 0.1, 1.0, -math.pi / 4, 0, 0]
-    assert R.box3d_iou([0, 0, 0, 2, 2, 1, 0, 0, 0], slab) == 0.0
-
-
-def test_iou_symmetric_and_rigid_invariant():
-    rng = np.random.default_rng(RNG_SEED)
-    for _ in range(100):
-        a, b = random_box(rng, 0.5), random_box(rng, 0.5)
-        iou = R.box3d_iou(a, b)
-        assert 0.0 <= iou <= 1.0
-        assert R.box3d_iou(b, a) == pytest.approx(iou, abs=1e-9)
-        T = random_rigid(rng)
-        assert R.box3d_iou(R.transform_box(a, T), R.transform_box(b, T)) == pytest.approx(
-            iou, abs=1e-9)
-        moved = [R.box_corners(x) @ T[:3, :3].T + T[:3, 3] for x in (a, b)]
-        assert R.corners_iou(*moved) == pytest.approx(iou, abs=1e-9)
-
-
-def test_iou_nearly_coplanar_is_continuous():
-    base = [0, 0, 0, 1, 1, 1, 0, 0, 0]
-    for tiny in (1e-15, 1e-12, 1e-9, 1e-7, 1e-5):
-        for i in range(6, 9):
-            other = list(base)
-            other[i] = tiny
-            assert R.box3d_iou(base, other) == pytest.approx(1.0, abs=1e-4)
-        assert R.box3d_iou(base, [tiny, tiny, 0, 1, 1, 1, 0, 0, 0]) == pytest.approx(1, abs=1e-4)
-
-
-@pytest.mark.parametrize("bad", [
-    [0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, -1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, float("nan"), 0, 0],
-    [float("inf"), 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1e300, 1e300, 1e300, 0, 0, 0], [0, 0, 0],
-    "not a box", None, [[1, 2, 3]], {"bbox_3d": [0, 0, 0, 1, 1, 1]},
-])
-def test_iou_degenerate_is_zero(bad):
-    good = [0, 0, 0, 1, 1, 1, 0, 0, 0]
-    assert R.box3d_iou(good, bad) == 0.0
-    assert R.box3d_iou(bad, good) == 0.0
-    assert R.corners_iou(np.zeros((8, 3)), R.box_corners(good)) == 0.0
-    assert R.corners_iou("x", R.box_corners(good)) == 0.0
-
-
-def test_iou_matrix():
-    boxes = [[0, 0, 0, 2, 2, 2, 0, 0, 0], [1, 0, 0, 2, 2, 2, 0, 0, 0]]
-    gts = [{"label": "a", "bbox_3d": boxes[0]}, [9, 9, 9, 1, 1, 1, 0, 0, 0], [0, 0, 0]]
-    m = R.iou_matrix(boxes, gts)
-    assert m.shape == (2, 3)
-    np.testing.assert_allclose(m, [[1, 0, 0], [1 / 3, 0, 0]], atol=1e-12)
-    assert R.iou_matrix([], gts).shape == (0, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,7 +243,7 @@ def test_iou_both_ways_reward():
         pred = [det("x", [*(np.array(b[:3]) + rng.normal(0, 0.4, 3)), *(np.array(b[3:6]) * rng.uniform(0.7, 1.3, 3)), *b[6:]])
                 for b in (CHAIR, TABLE)[:int(rng.integers(1, 3))]]
         gt = [g["bbox_3d"] for g in DET_GT["boxes"]]
-        iou = [[R.box3d_iou(p["bbox_3d"], g) for g in gt] for p in pred]
+        iou = [[B.box3d_iou(p["bbox_3d"], g) for g in gt] for p in pred]
         by_hand = 0.5 * sum(max(row) for row in iou) / len(pred) + 0.5 * sum(
             max(iou[i][j] for i in range(len(pred))) for j in range(len(gt))) / len(gt)
         assert R.iou_both_ways_reward(det_answer(pred), DET_GT) == pytest.approx(by_hand, abs=1e-9)
@@ -575,7 +335,7 @@ def test_grounding_nontrivial_poses():
     rec = grd_record(cams, align, gt_frame=2)
     for f in range(6):
         # the GT box written in frame f's camera coordinates
-        in_cam = R.transform_box(GT_BOX, np.linalg.inv(align @ cams[f]))
+        in_cam = B.transform_box(GT_BOX, np.linalg.inv(align @ cams[f]))
         text = grd_answer(f, in_cam)
         assert R.grounding_iou_reward(text, rec) == pytest.approx(1.0, abs=1e-6)
         assert R.frame_reward(text, rec) == pytest.approx(max(0, 1 - abs(f - 2) / 5))

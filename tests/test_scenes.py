@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import boxes
 import data
-import rewards
 import scenes
 
 TRAIN_SCENES, VAL_SCENES = 3, 2
@@ -168,14 +168,14 @@ def test_objects_do_not_overlap_and_stay_in_the_room(toy):
             assert max(cats.count(c) for c in cats) <= 2
             w, l = summary["room"]["width"], summary["room"]["length"]
             for o in objs:
-                corners = rewards.box_corners(o["bbox_3d"])
+                corners = boxes.box_corners(o["bbox_3d"])
                 assert (np.abs(corners[:, 0]) <= w / 2 + 1e-6).all()
                 assert (np.abs(corners[:, 1]) <= l / 2 + 1e-6).all()
                 assert corners[:, 2].min() == pytest.approx(0.0, abs=1e-6)    # on the floor
                 assert abs(o["heading"]) <= math.pi / 4 + 1e-9
             for i in range(len(objs)):
                 for j in range(i + 1, len(objs)):
-                    assert rewards.box3d_iou(objs[i]["bbox_3d"], objs[j]["bbox_3d"]) == 0.0
+                    assert boxes.box3d_iou(objs[i]["bbox_3d"], objs[j]["bbox_3d"]) == 0.0
 
 
 def test_level_camera_sees_upright_object_with_identity_rotation():
@@ -189,8 +189,8 @@ def test_level_camera_sees_upright_object_with_identity_rotation():
     yaw, roll, pitch = scenes.camera_box(obj, tilted)[6:]
     assert (yaw, roll, pitch) == pytest.approx((0.0, 0.4, -0.3), abs=1e-9)
     # Same 8 corners as the scene-frame box mapped into the camera.
-    world_in_cam = rewards.transform_box(obj.world_box(), np.linalg.inv(tilted))
-    assert rewards.box3d_iou(world_in_cam, scenes.camera_box(obj, tilted)) == pytest.approx(1.0, abs=1e-6)
+    world_in_cam = boxes.transform_box(obj.world_box(), np.linalg.inv(tilted))
+    assert boxes.box3d_iou(world_in_cam, scenes.camera_box(obj, tilted)) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_rendered_objects_lie_inside_their_projected_boxes():
@@ -198,7 +198,7 @@ def test_rendered_objects_lie_inside_their_projected_boxes():
     checked = 0
     for i, frame in frames.items():
         for n, obj in enumerate(scene.objects):
-            corners = rewards.box_corners(scenes.camera_box(obj, scene.poses[i]))
+            corners = boxes.box_corners(scenes.camera_box(obj, scene.poses[i]))
             mask = frame.inst == n
             if mask.sum() < scenes.MIN_PIXELS or (corners[:, 2] <= 0.1).any():
                 continue
@@ -292,8 +292,8 @@ def test_grounding_answer_maps_back_to_the_gt_box(toy):
     for r in records(toy, "train", "grounding"):
         answer = json.loads(r["conversations"][1]["value"])
         to_scene = np.asarray(r["axis_align_matrix"]) @ np.asarray(r["cam2global"][answer["frame"]])
-        in_scene = rewards.transform_box(answer["bbox_3d"], to_scene)
-        assert rewards.box3d_iou(in_scene, r["gt_bbox"]) > 0.9, r["id"]
+        in_scene = boxes.transform_box(answer["bbox_3d"], to_scene)
+        assert boxes.box3d_iou(in_scene, r["gt_bbox"]) > 0.9, r["id"]
 
 
 # ---------------------------------------------------------------------------------------------
