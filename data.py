@@ -64,6 +64,14 @@ MC_QUESTION_TYPES = (
 )
 
 
+# Completion length budget per task (new tokens) for sampling in grpo.py and decoding in eval.py
+# when --max-new-tokens is not given. A detection answer of the toy tokenizer takes ~50 tokens
+# per box (the fixed JSON pieces are single tokens, digits are one token each); a grounding
+# answer is one box; a spatial answer is a letter or a number plus the four tags. Real
+# checkpoints (longer tokenisation of the tags, many ScanNet objects) may need more.
+DEFAULT_MAX_NEW_TOKENS = {"detection": 400, "grounding": 96, "spatial": 32}
+
+
 def detection_prompt(num_frames: int) -> str:
     """Human turn of a detection sample: one <image> per frame, then the instruction."""
     return IMAGE_PLACEHOLDER * num_frames + "\n" + DETECTION_PROMPT

@@ -1,7 +1,7 @@
 """Evaluation: the paper's protocol (greedy decoding, then the benchmark metrics) and its tables.
 
 3D-RFT reports every number after *greedy* decoding of the fine-tuned model, with the metrics
-that the RL rewards are built from (DESIGN.md section 1, "Evaluation"):
+that the RL rewards are built from (docs/DESIGN.md, "Evaluation"):
 
     detection   per-category greedy matching at IoU > 0.25 and IoU > 0.5, TP/FP/FN summed over the
                 dataset per category, P/R/F1 per category, the macro mean over categories
@@ -14,7 +14,7 @@ that the RL rewards are built from (DESIGN.md section 1, "Evaluation"):
 plus, for every task, the share of completions in the `<think>..</think><answer>..</answer>`
 format with a parseable answer (the format reward being 1).
 
-All parsing, IoU and matching is done by `rewards.py`: the reward and the metric are the same
+All parsing, IoU and matching is done by `rewards.py` (with `boxes.py`): the reward and the metric are the same
 computation, which is the point of the paper. This file only aggregates.
 
 Use it as a library (`evaluate(...)`, called by sft.py / grpo.py for their periodic evaluation)
@@ -38,20 +38,17 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 import data
+import model as model_lib
 import rewards
+import runtime
 
 # =====================================================================================
 # Settings (nanoGPT style: every setting is a flag; the defaults are the comments' values)
 # =====================================================================================
-
-# Completion length budget per task when --max-new-tokens is not given. A detection answer of
-# the toy tokenizer takes ~50 tokens per box (the fixed JSON pieces are single tokens, digits are
-# one token each); a grounding answer is one box; a spatial answer is a letter or a number plus
-# the four tags. Real checkpoints (longer tokenisation of the tags, many ScanNet objects) may
-# need more: pass --max-new-tokens.
-DEFAULT_MAX_NEW_TOKENS = {"detection": 400, "grounding": 96, "spatial": 32}
 
 # The IoU thresholds of the published tables (detection F1@0.25 / @0.5, grounding Acc@0.25 / @0.5).
 IOU_THRESHOLDS = (0.25, 0.5)
@@ -67,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     # what to evaluate
     p.add_argument("--model", default="toy",  # "toy" = the random tiny model; else a checkpoint folder
                    help="'toy' (randomly initialised tiny model) or a local checkpoint directory")
-    p.add_argument("--geometry", default="auto", choices=("auto", "on", "off"),  # auto = as saved
+    p.add_argument("--geometry", default="auto", choices=tuple(model_lib.GEOMETRY_FLAG),  # auto = as saved
                    help="geometry prior: as the checkpoint has it (auto), forced on, or dropped (off)")
     p.add_argument("--data", default="data/toy",  # the synthetic world's output folder (scenes.py)
                    help="data folder holding <split>/<task>.jsonl")
@@ -83,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     # how to run
     p.add_argument("--batch-size", default=32, type=int,  # prompts decoded together
                    help="prompts per generate() call")
-    p.add_argument("--max-new-tokens", default=None, type=int,  # None = DEFAULT_MAX_NEW_TOKENS
+    p.add_argument("--max-new-tokens", default=None, type=int,  # None = data.DEFAULT_MAX_NEW_TOKENS
                    help="completion length limit (default per task: "
-                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NEW_TOKENS.items()) + ")")
+                        + ", ".join(f"{k} {v}" for k, v in data.DEFAULT_MAX_NEW_TOKENS.items()) + ")")
     p.add_argument("--device", default="auto",  # auto = cuda when available, else cpu
                    help="torch device: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),  # fp32 on CPU
@@ -361,11 +358,6 @@ def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], bat
     on one process only; an FSDP2-sharded model must be unsharded first (`net.unshard()`), which
     is a collective, so that stays the training script's business.
     """
-    import torch
-    from tqdm import tqdm
-
-    import model as model_lib
-
     net = getattr(net, "module", net)  # DistributedDataParallel keeps the model in .module
     device = next(net.parameters()).device
     # Special tokens are suppressed: a young policy samples them otherwise.
@@ -425,14 +417,14 @@ def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
     Returns {"meta": {...settings, seconds...}, task: metrics, ...} where each task's metrics
     (see detection_metrics / grounding_metrics / spatial_metrics) also hold `samples` example
     completions next to their references. All values are plain Python: `json.dump` works.
-    `max_new_tokens=None` uses DEFAULT_MAX_NEW_TOKENS[task].
+    `max_new_tokens=None` uses data.DEFAULT_MAX_NEW_TOKENS[task].
     """
     start = time.time()
     results: dict[str, Any] = {"meta": {"data": data_dir, "split": split, "tasks": list(tasks), "limit": limit,
                                         "seed": seed, "decoding": "greedy"}}
     for task in tasks:
         records = load_eval_records(data_dir, split, task, limit, seed)
-        n_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+        n_tokens = max_new_tokens or data.DEFAULT_MAX_NEW_TOKENS[task]
         completions = generate_completions(net, tokenizer, image_cfg, records, batch_size, n_tokens, progress)
         metrics = score(task, records, completions)
         metrics["max_new_tokens"] = n_tokens
@@ -556,16 +548,11 @@ def run_compare(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     """Evaluate one model: load, generate, score, print the table, save the JSON."""
-    import torch
-
-    import model as model_lib
-    import runtime
-
     # Check the data and the device first: a typo in either should not cost a model load.
     for task in args.tasks:
         load_eval_records(args.data, args.split, task, args.limit, args.seed)
     device = runtime.resolve_device(args.device)
-    geometry = {"auto": None, "on": True, "off": False}[args.geometry]
+    geometry = model_lib.GEOMETRY_FLAG[args.geometry]
     net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry, dtype=getattr(torch, args.dtype))
     net.to(device)
     results = evaluate(net, tokenizer, image_cfg, args.data, args.split, args.tasks, args.limit, args.seed,

@@ -41,8 +41,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
 import data
+import eval as evaluation
 import model as model_lib
 import rewards
 import runtime
@@ -55,43 +57,66 @@ DEFAULT_INIT = "runs/sft/latest"  # written by `python sft.py`
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # what to train
-    p.add_argument("--init", type=os.path.normpath, default=DEFAULT_INIT, help="policy to start from (an SFT checkpoint folder; 'toy' = random)")
-    p.add_argument("--data", type=os.path.normpath, default="data/toy", help="data folder holding <split>/<task>.jsonl")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    at_least = runtime.int_at_least
+    # ---- what to train, on what
+    p.add_argument("--init", type=os.path.normpath, default=DEFAULT_INIT,
+                   help="policy to start from (an SFT checkpoint folder; 'toy' = random)")
+    p.add_argument("--data", type=os.path.normpath, default="data/toy",
+                   help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split to draw prompts from")
-    p.add_argument("--task", default="detection", choices=data.TASKS, help="task whose prompts and rewards are used")
-    p.add_argument("--limit", type=runtime.int_at_least(1), default=None, help="use at most this many prompts")
-    p.add_argument("--out", type=os.path.normpath, default="runs/grpo", help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
+    p.add_argument("--task", default="detection", choices=data.TASKS,
+                   help="task whose prompts and rewards are used")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many prompts")
+    p.add_argument("--out", type=os.path.normpath, default="runs/grpo",
+                   help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
+    # ---- rewards. Paper: R = R_format + R_task, with R_det = R_IoU + R_F1, R_grd = R_frame + R_IoU
+    # and R_spatial = accuracy or MRA by question type (rewards.TASK_REWARDS).
     p.add_argument("--reward", default=None,
-                   help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); default: the task's")
-    # GRPO
-    p.add_argument("--steps", type=runtime.int_at_least(1), default=60, help="GRPO steps (one rollout batch each)")
-    p.add_argument("--prompts-per-step", type=runtime.int_at_least(1), default=8, help="prompts per step over all processes")
+                   help="reward weights, e.g. 'format=1,iou=1,f1=1' (names from rewards.REWARDS); "
+                        "default: the task's")
+    # ---- GRPO. The paper gives no G, eps, temperature; these are the usual GRPO values (TRL's).
+    p.add_argument("--steps", type=at_least(1), default=60, help="GRPO steps (one rollout batch each)")
+    p.add_argument("--prompts-per-step", type=at_least(1), default=8,
+                   help="prompts per step over all processes")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use the same)")
-    p.add_argument("--max-new-tokens", type=runtime.int_at_least(1), default=None, help="completion budget (default: by task)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (log-probs use the same)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=None,
+                   help="completion budget (default: data.DEFAULT_MAX_NEW_TOKENS of the task)")
     p.add_argument("--eps", type=float, default=0.2, help="clip range: ratio kept within [1-eps, 1+eps_high]")
-    p.add_argument("--eps-high", type=float, default=None, help="upper clip (DAPO's clip-higher); default = --eps")
-    p.add_argument("--beta", type=float, default=0.04, help="KL penalty to the frozen initial policy (0 = no reference model)")
+    p.add_argument("--eps-high", type=float, default=None,
+                   help="upper clip (DAPO's clip-higher); default = --eps")
+    # Paper: beta > 0 for perception; beta = 0 (no reference model) for spatial reasoning with LoRA.
+    p.add_argument("--beta", type=float, default=0.04,
+                   help="KL penalty to the frozen initial policy (0 = no reference model)")
+    # Paper: the token-level mean ("token-mean"); DeepSeekMath's GRPO averages per sequence first.
     p.add_argument("--loss-agg", choices=["token-mean", "seq-mean"], default="token-mean",
-                   help="token-mean: mean over all completion tokens (the paper); seq-mean: per sequence first (DeepSeekMath)")
+                   help="token-mean: mean over all completion tokens (the paper); "
+                        "seq-mean: per sequence first (DeepSeekMath)")
     p.add_argument("--scale-rewards", choices=["group", "none"], default="group",
-                   help="group: divide by the group's std (+1e-4); none: mean-centre only")
-    p.add_argument("--mu", type=int, default=1, help="optimisation passes per rollout batch (old log-probs kept when > 1)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (gradient accumulation)")
-    # optimiser
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (1e-6 for a real 3B model; the toy needs more)")
+                   help="group: divide by the group's std (+1e-4, the paper's A_i); none: mean-centre only")
+    p.add_argument("--mu", type=int, default=1,
+                   help="optimisation passes per rollout batch (old log-probs kept when > 1)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="sequences per forward/backward (gradient accumulation)")
+    # ---- optimiser (not given by the paper)
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="learning rate (1e-6 for a real 3B model; the toy needs more)")
     p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then constant")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--train-vision", action="store_true", help="also train the ViT (frozen in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and of the sampling")
+    # ---- bookkeeping: logs, samples, checkpoints, periodic evaluation, resume, device
     runtime.add_run_arguments(p, log_every=1, save_every=20)
-    p.add_argument("--sample-every", type=runtime.int_at_least(0), default=10, help="steps between logged sample completions (0 = none)")
+    p.add_argument("--sample-every", type=at_least(0), default=10,
+                   help="steps between logged sample completions (0 = none)")
     args = p.parse_args(argv)
     try:
-        args.weights = rewards.parse_weights(args.reward) if args.reward else dict(rewards.TASK_REWARDS[args.task])
+        default = dict(rewards.TASK_REWARDS[args.task])
+        args.weights = rewards.parse_weights(args.reward) if args.reward else default
     except ValueError as e:
         p.error(str(e))
     if args.group_size < 2:
@@ -99,8 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mu < 1 or args.micro_batch < 1 or args.temperature <= 0:
         p.error("--mu and --micro-batch must be >= 1 and --temperature > 0")
     if args.max_new_tokens is None:
-        args.max_new_tokens = {"detection": 400, "grounding": 96, "spatial": 24}[args.task]
+        args.max_new_tokens = data.DEFAULT_MAX_NEW_TOKENS[args.task]
     return args
+
+
+@dataclass
+class Setup:
+    """What every phase of a step reads besides the models: the flags, the tokenizer, the process."""
+
+    args: argparse.Namespace  # the run's settings (G, temperature, eps, beta, micro-batch, ...)
+    tokenizer: PreTrainedTokenizerFast
+    image_cfg: model_lib.ImageConfig  # the pixel budget and patch geometry of the frames
+    banned: list[int]  # token ids never sampled nor scored (model.special_token_ids)
+    proc: runtime.Dist = field(default_factory=runtime.Dist)  # rank, world size, device
 
 
 # =====================================================================================
@@ -134,14 +170,16 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch
     """
     is_eos = ids == eos_id
     has_eos = is_eos.any(1)
-    first = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, ids.shape[1], dtype=torch.long))
+    no_eos = torch.full_like(has_eos, ids.shape[1], dtype=torch.long)  # past the last column
+    first = torch.where(has_eos, is_eos.float().argmax(1), no_eos)
     mask = (torch.arange(ids.shape[1]).unsqueeze(0) <= first.unsqueeze(1)).long()
     return mask, ~has_eos
 
 
-def prepare_prompt(net: model_lib.RFTModel, record: dict, tokenizer, image_cfg, device) -> dict:
+def prepare_prompt(net: model_lib.RFTModel, record: dict, setup: Setup) -> dict:
     """The per-prompt work, done once per group: tokenised prompt + frozen ViT output of its frames."""
-    batch = data.to_device(data.collate([record], tokenizer, image_cfg, with_answer=False), device)
+    batch = data.collate([record], setup.tokenizer, setup.image_cfg, with_answer=False)
+    batch = data.to_device(batch, setup.proc.device)
     with torch.no_grad():
         batch["vision"] = net.vision_tokens(batch["pixel_values"], batch["image_grid_thw"])
     return batch
@@ -193,8 +231,8 @@ def row_sampler(seeds: list[int], temperature: float):
 
 
 @torch.no_grad()
-def sample_groups(net: model_lib.RFTModel, prompts: list[dict], args, banned: list[int],
-                  seeds: list[int], pad_id: int) -> torch.Tensor:
+def sample_groups(net: model_lib.RFTModel, prompts: list[dict], seeds: list[int],
+                  setup: Setup) -> torch.Tensor:
     """G completions of every prompt, all groups in one KV-cached `generate`; (B*G, new_tokens).
 
     The shared work runs once per prompt: its visual tokens (computed in prepare_prompt) are
@@ -202,15 +240,18 @@ def sample_groups(net: model_lib.RFTModel, prompts: list[dict], args, banned: li
     times (model.prefill). Decoding runs over B*G rows, prompt-major (row = b * G + g): greedy
     over logits that row_sampler has perturbed, which samples; row b * G + g draws from the seed
     (seeds[b], g). For video prompts of thousands of visual tokens the prefill is most of the
-    rollout's compute, so doing it once instead of G times is the saving (DESIGN.md section 5).
+    rollout's compute, so doing it once instead of G times is the saving (docs/DESIGN.md, "The
+    per-group work, done once").
     """
-    batch = stack_prompts(prompts, pad_id)
+    args = setup.args
+    batch = stack_prompts(prompts, setup.tokenizer.pad_token_id)
     embeds = net.fuse_geometry(batch["vision"], batch["image_grid_thw"], batch["geometry"])
     prefilled = net.prefill(batch, embeds, copies=args.group_size)
-    row_seeds = [int(np.random.default_rng([s, g]).integers(2**63)) for s in seeds for g in range(args.group_size)]
+    row_seeds = [int(np.random.default_rng([s, g]).integers(2**63))
+                 for s in seeds for g in range(args.group_size)]
     return net.generate_from(
         batch, prefilled, copies=args.group_size, do_sample=False, max_new_tokens=args.max_new_tokens,
-        suppress_tokens=banned, logits_processor=[row_sampler(row_seeds, args.temperature)],
+        suppress_tokens=setup.banned, logits_processor=[row_sampler(row_seeds, args.temperature)],
     )
 
 
@@ -225,20 +266,20 @@ def score(texts: list[str], records: list[dict], weights: dict[str, float], grou
     return torch.tensor(totals, dtype=torch.float32), {k: torch.tensor(v) for k, v in parts.items()}
 
 
-def rollout(net, records: list[dict], step_seeds: list[int], tokenizer, image_cfg, args, device,
-            banned: list[int]) -> Rollouts:
+def rollout(net: model_lib.RFTModel, records: list[dict], seeds: list[int], setup: Setup) -> Rollouts:
     """Sample a group per prompt, pad the completions to one length, mask after EOS, score.
 
-    `banned` are the token ids never sampled (model.special_token_ids, computed once by the caller).
+    `seeds` holds one sampling seed per prompt (see prompt_seed).
     """
     net.eval()
-    prompts = [prepare_prompt(net, record, tokenizer, image_cfg, device) for record in records]
-    ids = sample_groups(net, prompts, args, banned, step_seeds, tokenizer.pad_token_id).cpu()
+    tokenizer, pad_id = setup.tokenizer, setup.tokenizer.pad_token_id
+    prompts = [prepare_prompt(net, record, setup) for record in records]
+    ids = sample_groups(net, prompts, seeds, setup).cpu()
     mask, truncated = completion_mask(ids, tokenizer.eos_token_id)
-    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    ids = ids.masked_fill(mask == 0, pad_id)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    total, components = score(texts, records, args.weights, args.group_size)
-    return Rollouts(records, prompts, ids, mask, truncated, texts, total, components, pad_id=tokenizer.pad_token_id)
+    total, components = score(texts, records, setup.args.weights, setup.args.group_size)
+    return Rollouts(records, prompts, ids, mask, truncated, texts, total, components, pad_id=pad_id)
 
 
 # =====================================================================================
@@ -318,7 +359,8 @@ def grpo_loss(
         tokens = mask.sum().clamp(min=1)
         # A token is clipped when the min picked the clipped term and it differs (no gradient flows).
         is_clipped = ((adv > 0) & (ratio > 1 + eps_high)) | ((adv < 0) & (ratio < 1 - eps))
-        stats = {"kl": float((kl * mask).sum() / tokens), "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / tokens),
+        stats = {"kl": float((kl * mask).sum() / tokens),
+                 "clip_frac": float((is_clipped.to(mask.dtype) * mask).sum() / tokens),
                  "ratio": float((ratio * mask).sum() / tokens), "tokens": float(mask.sum())}
     return loss, stats
 
@@ -328,9 +370,8 @@ def grpo_loss(
 # =====================================================================================
 
 
-def completion_logprobs(
-    net, ro: Rollouts, rows: list[int], banned: list[int], temperature: float, reuse_vision: bool = True
-) -> torch.Tensor:
+def completion_logprobs(net, rollouts: Rollouts, rows: list[int], banned: list[int], temperature: float,
+                        reuse_vision: bool = True) -> torch.Tensor:
     """log p(completion token | frames, prompt, earlier tokens) for the given rows, (len(rows), T).
 
     The per-prompt work is done once per prompt among the rows: the ViT output is reused from the
@@ -341,20 +382,21 @@ def completion_logprobs(
     Special tokens are masked and logits divided by the temperature exactly as during sampling, so
     the scored distribution is the one that was sampled.
     """
-    G = ro.completion_ids.shape[0] // len(ro.prompts)
+    G = rollouts.completion_ids.shape[0] // len(rollouts.prompts)
     if rows != sorted(rows):
         raise ValueError("completion_logprobs needs rows in increasing order (grouped by prompt)")
     owners = [r // G for r in rows]
     distinct = sorted(set(owners))  # the prompts of these rows, each run once
-    batch = stack_prompts([ro.prompts[b] for b in distinct], ro.pad_id)
-    comp = ro.completion_ids[rows].to(batch["input_ids"].device)
+    batch = stack_prompts([rollouts.prompts[b] for b in distinct], rollouts.pad_id)
+    comp = rollouts.completion_ids[rows].to(batch["input_ids"].device)
     logits = net(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         mm_token_type_ids=batch["mm_token_type_ids"],
         image_grid_thw=batch["image_grid_thw"],
         vision=batch["vision"] if reuse_vision else None,
-        pixel_values=None if reuse_vision else torch.cat([ro.prompts[b]["pixel_values"] for b in distinct]),
+        pixel_values=None if reuse_vision else torch.cat([rollouts.prompts[b]["pixel_values"]
+                                                          for b in distinct]),
         geometry=batch["geometry"],
         completion_ids=comp,
         copies=[owners.count(b) for b in distinct],
@@ -363,7 +405,7 @@ def completion_logprobs(
     logp = torch.log_softmax(logits / temperature, dim=-1)
     # Padding after EOS is a banned token (log-prob -inf); it is masked out of the loss, and set
     # to 0 here so that 0 * -inf never turns the masked sum into NaN.
-    mask = ro.completion_mask[rows].to(comp.device).bool()
+    mask = rollouts.completion_mask[rows].to(comp.device).bool()
     return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
 
 
@@ -372,59 +414,75 @@ def completion_logprobs(
 # =====================================================================================
 
 
+@dataclass
+class Policy:
+    """The model being trained, with what trains it and the frozen reference it is held near."""
+
+    net: model_lib.RFTModel  # samples the rollouts (no gradients, nothing to synchronise)
+    trained: torch.nn.Module  # the same net, wrapped in DDP under torchrun: the update goes through it
+    ref: model_lib.RFTModel | None  # the frozen initial policy of the KL term (None when beta = 0)
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # the trained parameters (the ViT is frozen unless --train-vision)
+
+
 def micro_chunks(num_rows: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, num_rows))) for i in range(0, num_rows, size)]
 
 
-def update_policy(ddp_net, ref_net, ro: Rollouts, optimizer, params, banned, args, normalizer: float, d) -> dict:
+def update_policy(policy: Policy, rollouts: Rollouts, normalizer: float, setup: Setup) -> dict:
     """One optimisation pass over the rollout batch; returns the loss statistics.
 
-    Each micro-chunk's loss is divided by the global normaliser and multiplied by world_size,
-    so DDP's gradient averaging yields exactly the gradient of the global-batch loss.
+    `normalizer` is the loss's denominator over the *global* batch (completion tokens for
+    token-mean, sequences for seq-mean). Each micro-chunk's loss is divided by it and multiplied
+    by world_size, so DDP's gradient averaging yields exactly the gradient of the global loss.
     """
-    net = ddp_net.module if isinstance(ddp_net, DDP) else ddp_net
-    net.train()
-    chunks = micro_chunks(ro.completion_ids.shape[0], args.micro_batch)
+    args, proc = setup.args, setup.proc
+    policy.net.train()
+    reuse_vision = not args.train_vision  # a frozen ViT's output from the rollout is still valid
+    chunks = micro_chunks(rollouts.completion_ids.shape[0], args.micro_batch)
     totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0}
     for i, rows in enumerate(chunks):
-        mask = ro.completion_mask[rows]
+        mask = rollouts.completion_mask[rows]
         ref_logp = None
         if args.beta != 0:
             with torch.no_grad():
-                ref_logp = completion_logprobs(ref_net, ro, rows, banned, args.temperature,
-                                               reuse_vision=not args.train_vision).cpu()
-        skip_sync = isinstance(ddp_net, DDP) and i < len(chunks) - 1  # all-reduce on the last chunk only
-        with ddp_net.no_sync() if skip_sync else torch.enable_grad():
-            logp = completion_logprobs(ddp_net, ro, rows, banned, args.temperature,
-                                       reuse_vision=not args.train_vision).cpu()
-            old = ro.old_logp[rows] if ro.old_logp is not None else logp.detach()
-            loss, stats = grpo_loss(logp, old, ref_logp, ro.advantages[rows], mask, args.eps, args.eps_high,
-                                    args.beta, args.loss_agg, normalizer=normalizer)
-            (loss * d.world_size).backward()
+                ref_logp = completion_logprobs(policy.ref, rollouts, rows, setup.banned, args.temperature,
+                                               reuse_vision=reuse_vision).cpu()
+        # DDP all-reduces the gradients on the last chunk's backward only
+        skip_sync = isinstance(policy.trained, DDP) and i < len(chunks) - 1
+        with policy.trained.no_sync() if skip_sync else torch.enable_grad():
+            logp = completion_logprobs(policy.trained, rollouts, rows, setup.banned, args.temperature,
+                                       reuse_vision=reuse_vision).cpu()
+            old = rollouts.old_logp[rows] if rollouts.old_logp is not None else logp.detach()
+            loss, stats = grpo_loss(logp, old, ref_logp, rollouts.advantages[rows], mask, args.eps,
+                                    args.eps_high, args.beta, args.loss_agg, normalizer=normalizer)
+            (loss * proc.world_size).backward()
         totals["loss"] += loss.item()
         totals["kl"] += stats["kl"] * stats["tokens"]
         totals["clip_frac"] += stats["clip_frac"] * stats["tokens"]
         totals["tokens"] += stats["tokens"]
     # Sums over all processes, so every process takes the same decision below and logs agree.
-    totals = {k: runtime.all_reduce_sum(v, d) for k, v in totals.items()}
+    totals = {k: runtime.all_reduce_sum(v, proc) for k, v in totals.items()}
     if not math.isfinite(totals["loss"]):
         raise FloatingPointError(f"non-finite GRPO loss ({totals['loss']})")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+    max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, max_norm)
     if not torch.isfinite(grad_norm):
         raise FloatingPointError("non-finite gradient norm")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
     tokens = max(totals["tokens"], 1.0)
     return {"loss": totals["loss"], "kl": totals["kl"] / tokens, "clip_frac": totals["clip_frac"] / tokens,
             "grad_norm": float(grad_norm)}
 
 
-def old_logprobs(net, ro: Rollouts, banned, args) -> torch.Tensor:
+def old_logprobs(net: model_lib.RFTModel, rollouts: Rollouts, setup: Setup) -> torch.Tensor:
     """Log-probs under the rollout policy, stored before the first of mu > 1 passes."""
     net.eval()
+    rows_per_chunk = micro_chunks(rollouts.completion_ids.shape[0], setup.args.micro_batch)
     with torch.no_grad():
-        return torch.cat([completion_logprobs(net, ro, rows, banned, args.temperature).cpu()
-                          for rows in micro_chunks(ro.completion_ids.shape[0], args.micro_batch)])
+        return torch.cat([completion_logprobs(net, rollouts, rows, setup.banned, setup.args.temperature).cpu()
+                          for rows in rows_per_chunk])
 
 
 # =====================================================================================
@@ -432,28 +490,28 @@ def old_logprobs(net, ro: Rollouts, banned, args) -> torch.Tensor:
 # =====================================================================================
 
 
-def gather(values: list, d) -> list:
+def gather(values: list, proc: runtime.Dist) -> list:
     """Concatenate per-process lists on every process (identity in one process)."""
-    if not d.enabled:
+    if not proc.enabled:
         return values
-    out = [None] * d.world_size
+    out = [None] * proc.world_size
     dist.all_gather_object(out, values)
     return [v for part in out for v in part]
 
 
-def step_metrics(ro: Rollouts, d, G: int) -> dict:
+def step_metrics(rollouts: Rollouts, proc: runtime.Dist, group_size: int) -> dict:
     """Rollout statistics over all processes: reward (total and per component), spread, lengths."""
-    rewards_all = torch.tensor(gather(ro.rewards.tolist(), d))
-    grouped = rewards_all.view(-1, G)
+    rewards_all = torch.tensor(gather(rollouts.rewards.tolist(), proc))
+    grouped = rewards_all.view(-1, group_size)
     metrics = {
         "reward": float(rewards_all.mean()),
         "reward_std": float(grouped.std(1).mean()),
         "zero_std_frac": float((grouped.max(1).values == grouped.min(1).values).float().mean()),
-        "completion_len": float(np.mean(gather(ro.completion_mask.sum(1).tolist(), d))),
-        "truncated": float(np.mean(gather(ro.truncated.float().tolist(), d))),
+        "completion_len": float(np.mean(gather(rollouts.completion_mask.sum(1).tolist(), proc))),
+        "truncated": float(np.mean(gather(rollouts.truncated.float().tolist(), proc))),
     }
-    for name, values in ro.components.items():
-        metrics[f"reward/{name}"] = float(np.mean(gather(values.tolist(), d)))
+    for name, values in rollouts.components.items():
+        metrics[f"reward/{name}"] = float(np.mean(gather(values.tolist(), proc)))
     return metrics
 
 
@@ -462,7 +520,7 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.default_rng([seed, step, index]).integers(2**31))
 
 
-def load_policy(args, d, resume_from: str, resume_state: dict | None = None):
+def load_policy(args, proc: runtime.Dist, resume_from: str, resume_state: dict | None = None):
     """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint.
 
     On resume the policy comes from the run's checkpoint and the reference stays the policy the
@@ -478,19 +536,20 @@ def load_policy(args, d, resume_from: str, resume_state: dict | None = None):
         net, tokenizer, image_cfg = model_lib.load_model(source)
         ref = None
         if args.beta != 0:
-            ref = model_lib.load_model(init)[0].to(d.device).eval()
+            ref = model_lib.load_model(init)[0].to(proc.device).eval()
             for p in ref.parameters():
                 p.requires_grad = False
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    return net.to(d.device), ref, tokenizer, image_cfg
+    return net.to(proc.device), ref, tokenizer, image_cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    d = runtime.setup_distributed(args.device)
-    if args.prompts_per_step % d.world_size:
-        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over {d.world_size} processes")
+    proc = runtime.setup_distributed(args.device)
+    if args.prompts_per_step % proc.world_size:
+        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over "
+                         f"{proc.world_size} processes")
     runtime.seed_everything(args.seed)
     try:
         records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
@@ -508,7 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     # The policy starts from the SFT checkpoint; the reference (for the KL term) is a frozen copy
     # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
     # geometry merger learn.
-    net, ref, tokenizer, image_cfg = load_policy(args, d, resume_from, resume_state)
+    net, ref, tokenizer, image_cfg = load_policy(args, proc, resume_from, resume_state)
     params = runtime.trainable_parameters(net, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start_step = 0
@@ -517,17 +576,20 @@ def main(argv: list[str] | None = None) -> None:
         start_step = resume_state["step"]
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
     # DDP so that gradients are averaged over processes.
-    ddp_net = DDP(net) if d.enabled else net
+    policy = Policy(net, DDP(net) if proc.enabled else net, ref, optimizer, params)
     # Token ids that are neither sampled nor scored (special tokens, unused output rows).
     banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    setup = Setup(args, tokenizer, image_cfg, banned, proc)
 
-    logger, sample_logger = runtime.open_logs(args.out, ("metrics", "samples"), args.resume, start_step, d.master)
-    if d.master:
+    logger, sample_logger = runtime.open_logs(args.out, ("metrics", "samples"), args.resume, start_step,
+                                              proc.master)
+    if proc.master:
         print(f"GRPO on {args.task}: {len(records)} prompts, G={args.group_size}, rewards {args.weights}, "
-              f"beta={args.beta}, {d.world_size} process(es), from step {start_step}")
+              f"beta={args.beta}, {proc.world_size} process(es), from step {start_step}")
 
+    G = args.group_size
     end_step = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
-    bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="grpo",
+    bar = tqdm(range(start_step, end_step), disable=not proc.master or args.no_progress, desc="grpo",
                initial=start_step, total=args.steps)
     for step in bar:
         # A short linear warm-up, then a constant learning rate (the usual GRPO schedule).
@@ -538,47 +600,57 @@ def main(argv: list[str] | None = None) -> None:
         # The step's prompts are a function of (seed, step), and each prompt's sampling seed a
         # function of (seed, step, prompt): any number of processes sees the same samples.
         t0 = time.time()
-        indices = runtime.step_indices(step, args.prompts_per_step, len(records), args.seed)
-        positions = runtime.shard(list(range(args.prompts_per_step)), d.rank, d.world_size)
-        mine = [records[indices[i]] for i in positions]
-        seeds = [prompt_seed(args.seed, step, i) for i in positions]
-        ro = rollout(net, mine, seeds, tokenizer, image_cfg, args, d.device, banned)
+        step_prompts = runtime.step_indices(step, args.prompts_per_step, len(records), args.seed)
+        my_positions = runtime.shard(list(range(args.prompts_per_step)), proc.rank, proc.world_size)
+        my_records = [records[step_prompts[i]] for i in my_positions]
+        seeds = [prompt_seed(args.seed, step, i) for i in my_positions]
+        rollouts = rollout(net, my_records, seeds, setup)
         rollout_s = time.time() - t0
         # ---- 2. advantages: each completion against the others of its group (no value network)
-        ro.advantages = group_advantages(ro.rewards, args.group_size, scale=args.scale_rewards == "group")
+        rollouts.advantages = group_advantages(rollouts.rewards, G, scale=args.scale_rewards == "group")
         # ---- 3. policy update(s)
         # The loss is a mean over the completion tokens (or sequences) of the *global* batch, so the
         # denominator is summed over processes before any micro-chunk is scored.
         t1 = time.time()
-        count = ro.completion_mask.sum() if args.loss_agg == "token-mean" else ro.completion_mask.shape[0]
-        normalizer = runtime.all_reduce_sum(float(count), d)
+        mask = rollouts.completion_mask
+        count = mask.sum() if args.loss_agg == "token-mean" else mask.shape[0]
+        normalizer = runtime.all_reduce_sum(float(count), proc)
         # With several passes over one rollout batch the policy drifts from the one that sampled:
         # its log-probs are frozen first, so later passes measure the ratio r against them.
         if args.mu > 1:
-            ro.old_logp = old_logprobs(net, ro, banned, args)
+            rollouts.old_logp = old_logprobs(net, rollouts, setup)
         try:
             for _ in range(args.mu):
-                update = update_policy(ddp_net, ref, ro, optimizer, params, banned, args, normalizer, d)
+                update = update_policy(policy, rollouts, normalizer, setup)
         except FloatingPointError as e:
             raise SystemExit(f"error at step {step}: {e}; nothing was saved for this step "
                              f"(last good checkpoint: {latest}); try a lower --lr") from None
         update_s = time.time() - t1
-        # ---- logging (rank 0), checkpoints, held-out evaluation
-        # Rollout statistics are gathered from every process; only rank 0 writes them.
-        metrics = step_metrics(ro, d, args.group_size)
-        generated = runtime.all_reduce_sum(float(ro.completion_mask.sum()), d)
-        if d.master:
+        # ---- logging (rank 0): rollout statistics are gathered from every process
+        metrics = step_metrics(rollouts, proc, G)
+        generated = runtime.all_reduce_sum(float(mask.sum()), proc)
+        if proc.master:
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{update['kl']:.4f}")
             if step % args.log_every == 0 or step == end_step - 1:
                 logger.log({"step": step, "lr": lr, **metrics, **update, "rollout_s": round(rollout_s, 3),
                             "update_s": round(update_s, 3), "tokens_per_s": round(generated / rollout_s, 1)})
             if args.sample_every and step % args.sample_every == 0:
+                # the first completion of each group, with its reward
                 sample_logger.log({"step": step, "samples": [
-                    {"id": ro.records[i // args.group_size].get("id"), "reward": float(ro.rewards[i]), "text": ro.texts[i]}
-                    for i in range(0, len(ro.texts), args.group_size)]})
-        runtime.end_of_step(step, end_step, args, d, net, tokenizer, image_cfg, optimizer, logger, (args.task,))
+                    {"id": rollouts.records[i // G].get("id"), "reward": float(rollouts.rewards[i]),
+                     "text": rollouts.texts[i]} for i in range(0, len(rollouts.texts), G)]})
+        # ---- periodic held-out evaluation (rank 0), then the checkpoint; as in sft.py, the
+        # checkpoint comes second so that it covers the evaluation's log line.
+        done = step + 1
+        if args.eval_every and done % args.eval_every == 0 and proc.master:
+            logger.log({"step": step, "eval": evaluation.evaluate(
+                net, tokenizer, image_cfg, args.data, "val", tasks=(args.task,), limit=args.eval_limit,
+                progress=False)})
+        if (args.save_every and done % args.save_every == 0) or done == end_step:
+            state = {"step": done, "args": vars(args)}  # rank 0 writes; the other processes wait
+            runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, state, proc)
     bar.close()
-    runtime.cleanup_distributed(d)
+    runtime.cleanup_distributed(proc)
 
 
 if __name__ == "__main__":

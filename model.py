@@ -56,6 +56,8 @@ TOY_NUMBER_PIECES = [f"{sign}{i}." for sign in ("", "-") for i in range(10)] + [
 
 GEOMETRY_FILE = "geometry_merger.safetensors"  # saved next to the Hugging Face weights
 RFT_CONFIG_FILE = "rft3d.json"  # what this project adds to a checkpoint (geometry dim, image config)
+# --geometry of sft.py and eval.py: keep the checkpoint's setting, force the prior on, or drop it
+GEOMETRY_FLAG = {"auto": None, "on": True, "off": False}
 
 
 # =====================================================================================
@@ -303,8 +305,9 @@ class RFTModel(nn.Module):
     def generate(self, batch: dict, image_embeds: BaseModelOutputWithPooling | None = None, **kwargs) -> torch.Tensor:
         """Sample (or greedily decode) completions; returns only the new token ids (batch*n, new).
 
-        The frames are encoded once here; `num_return_sequences=G` then expands the visual tokens
-        and the prompt over the G samples inside Hugging Face's `generate` (KV cache on).
+        The frames are encoded once here, then Hugging Face's `generate` decodes every row with
+        its KV cache on (evaluation's greedy decoding). GRPO's rollouts do not come here: they
+        prefill each prompt once and copy its cache over the group (`prefill`, `generate_from`).
         """
         if image_embeds is None:
             image_embeds = self.encode_images(batch["pixel_values"], batch["image_grid_thw"], batch.get("geometry"))
@@ -420,7 +423,7 @@ class ToySize:
     """Size of the tiny Qwen2.5-VL (0.7 M parameters with the default numbers).
 
     Small on purpose: at this size the CPU demo reproduces the paper's ablation (SFT -> GRPO
-    beats SFT -> more SFT at equal wall time, README item 21), while the earlier default, 4
+    beats SFT -> more SFT at equal wall time, docs/EXPERIMENTS.md item 21), while the earlier default, 4
     layers of width 128 (1.7 M), tied there (items 11-20).
     """
 

@@ -168,7 +168,7 @@ def iou_both_ways_reward(completion: str, record: dict) -> float:
     (each true box's best IoU with any prediction), labels ignored as in R_IoU.
 
     Why: R_IoU alone rises when a doubtful box is left out (the mean over predictions loses its
-    lowest term), and GRPO runs with it answered fewer boxes than the SFT model (README item 19).
+    lowest term), and GRPO runs with it answered fewer boxes than the SFT model (docs/EXPERIMENTS.md item 19).
     Here a missed object costs its share of the second half. Empty cases as R_IoU.
     Example: truth [chair, table], prediction [chair exactly] -> 0.5 * 1 + 0.5 * (1 + 0) / 2 = 0.75.
     """

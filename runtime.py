@@ -5,8 +5,11 @@ Nothing here is specific to the paper; it is what both training stages need to r
 - `setup_distributed` reads torchrun's environment variables (gloo on CPU, nccl on GPU);
 - `lr_at` is linear warm-up then cosine decay;
 - `JsonlLogger` writes one JSON object per line (rank 0 only);
-- `save_checkpoint` / `load_checkpoint` write a folder that `model.load_model` also opens, with
-  the optimiser and RNG states next to the weights, atomically (a crash never leaves half a folder).
+- `save_checkpoint` writes a folder that `model.load_model` also opens, with the optimiser and
+  RNG states next to the weights, atomically (a crash never leaves half a folder);
+  `read_training_state` / `restore_training_state` resume from it exactly.
+The periodic evaluation and checkpoint calls are written out in each training loop (sft.py,
+grpo.py), where a reader of `main` sees them; this file imports no trainer and no evaluator.
 """
 from __future__ import annotations
 
@@ -85,20 +88,26 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, torch.device("cpu"))
 
 
-def cleanup_distributed(d: Dist) -> None:
+def barrier(proc: Dist) -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if proc.enabled:
+        dist.barrier()
+
+
+def cleanup_distributed(proc: Dist) -> None:
     """Tear the process group down once every process has reached this point.
 
     The barrier keeps one process from destroying its gloo connections while another is still
     using them (a 2-process test run once hung in teardown without it).
     """
-    if d.enabled and dist.is_initialized():
+    if proc.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(value: float, d: Dist) -> float:
+def all_reduce_sum(value: float, proc: Dist) -> float:
     """Sum a number over processes (identity in a single process)."""
-    if not d.enabled:
+    if not proc.enabled:
         return float(value)
     # float64 on the CPU: token counts and loss sums stay exact, and gloo carries CPU tensors
     # (the process group pairs gloo for CPU with nccl for CUDA).
@@ -238,12 +247,17 @@ STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.pt"
 
 
-def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, optimizer, state: dict) -> None:
+def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, optimizer, state: dict,
+                    proc: Dist | None = None) -> None:
     """Write model (safetensors), optimiser, RNG and `state` (step, args...) atomically to `path`.
 
     Everything goes to `path.tmp` first and is renamed into place, so `path` is always either the
-    previous complete checkpoint or the new complete one.
+    previous complete checkpoint or the new complete one. Under torchrun (`proc` given) rank 0
+    writes and every process waits for it at a barrier, so no process runs ahead of a checkpoint.
     """
+    if proc is not None and not proc.master:
+        barrier(proc)
+        return
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model_lib.save_model(net, tokenizer, image_cfg, tmp)
@@ -258,6 +272,8 @@ def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, op
         os.replace(path, old)  # a crash right here leaves `path.old`, which resolve_checkpoint finds
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+    if proc is not None:
+        barrier(proc)
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -265,28 +281,6 @@ def resolve_checkpoint(path: str) -> str:
     if not os.path.isdir(path) and os.path.isdir(path + ".old"):
         return path + ".old"
     return path
-
-
-def end_of_step(step: int, end_step: int, args, d: Dist, net, tokenizer, image_cfg, optimizer,
-                logger: JsonlLogger, tasks) -> None:
-    """After optimiser step `step`: the periodic held-out evaluation, then the periodic checkpoint.
-
-    The evaluation comes first so that its log line is covered by the checkpoint that follows
-    (on resume, lines after the checkpoint's step are dropped and redone).
-    """
-    done = step + 1
-    if args.eval_every and done % args.eval_every == 0 and d.master:
-        import eval as evaluation
-
-        result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=tuple(tasks),
-                                     limit=args.eval_limit, progress=False)
-        logger.log({"step": step, "eval": result})
-    if (args.save_every and done % args.save_every == 0) or done == end_step:
-        if d.master:
-            save_checkpoint(os.path.join(args.out, "latest"), net, tokenizer, image_cfg, optimizer,
-                            {"step": done, "args": vars(args)})
-        if d.enabled:
-            dist.barrier()
 
 
 def read_training_state(path: str, args: dict | None = None, also_free: tuple[str, ...] = (),

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import eval as evaluation
 import model as model_lib
 import runtime
 
@@ -37,28 +38,39 @@ import runtime
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # what to train
-    p.add_argument("--model", type=os.path.normpath, default="toy", help="'toy' (tiny model built from a config) or a local checkpoint folder")
-    p.add_argument("--data", type=os.path.normpath, default="data/toy", help="data folder holding <split>/<task>.jsonl")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    at_least = runtime.int_at_least
+    # ---- what to train, on what
+    p.add_argument("--model", type=os.path.normpath, default="toy",
+                   help="'toy' (tiny model built from a config) or a local checkpoint folder")
+    p.add_argument("--data", type=os.path.normpath, default="data/toy",
+                   help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split folder to train on")
-    p.add_argument("--tasks", default="detection", help="comma-separated tasks to mix: detection,grounding,spatial")
-    p.add_argument("--limit", type=runtime.int_at_least(1), default=None, help="use at most this many records per task")
-    p.add_argument("--out", type=os.path.normpath, default="runs/sft", help="run folder: metrics.jsonl and the checkpoint 'latest/'")
-    p.add_argument("--geometry", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--tasks", default="detection",
+                   help="comma-separated tasks to mix: detection,grounding,spatial")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many records per task")
+    p.add_argument("--out", type=os.path.normpath, default="runs/sft",
+                   help="run folder: metrics.jsonl and the checkpoint 'latest/'")
+    p.add_argument("--geometry", choices=tuple(model_lib.GEOMETRY_FLAG), default="auto",
                    help="geometry prior fusion: auto keeps the model's setting (on for toy)")
+    # The paper freezes the ViT (and VGGT) and trains the LLM and the geometry merger.
     p.add_argument("--train-vision", choices=["auto", "yes", "no"], default="auto",
-                   help="train the ViT too: auto = yes for the randomly initialised toy model, no for a checkpoint")
-    # optimisation
-    p.add_argument("--steps", type=runtime.int_at_least(1), default=2500, help="optimiser steps")
-    p.add_argument("--batch-size", type=runtime.int_at_least(1), default=16, help="global batch (records per optimiser step, all processes)")
-    p.add_argument("--micro-batch", type=runtime.int_at_least(1), default=8, help="records per forward pass (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (the toy model needs a large one)")
+                   help="train the ViT too: auto = yes for the random toy model, no for a checkpoint")
+    # ---- optimisation (the paper gives no SFT hyper-parameters; these are the toy demo's)
+    p.add_argument("--steps", type=at_least(1), default=2500, help="optimiser steps")
+    p.add_argument("--batch-size", type=at_least(1), default=16,
+                   help="global batch (records per optimiser step, all processes)")
+    p.add_argument("--micro-batch", type=at_least(1), default=8,
+                   help="records per forward pass (gradient accumulation)")
+    p.add_argument("--lr", type=float, default=3e-3, 
+                   help="peak learning rate (the toy model needs a large one)")
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to this fraction of --lr")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the initialisation")
+    # ---- bookkeeping: logs, checkpoints, periodic evaluation, resume, device
     runtime.add_run_arguments(p, log_every=10, save_every=250)
     args = p.parse_args(argv)
     if args.batch_size % args.micro_batch and args.micro_batch < args.batch_size:
@@ -78,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def logits_needed(loss_mask: torch.Tensor) -> int:
     """How many trailing positions' logits the answer loss reads (0 = all; no answer tokens).
 
-    Answers sit at the end of each row (right padding), so one suffix, starting one position
+    Answers sit at the end of each row (collate left-pads), so one suffix, starting one position
     before the earliest answer token of the batch, covers every row. Asking the model for only
     that suffix (`logits_to_keep`) skips the LM head over the prompt and its visual tokens: for a
     real 152k vocabulary and thousands of visual tokens those logits are SFT's memory peak.
@@ -140,26 +152,27 @@ def load_training_records(args) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # One process, or one of torchrun's N (rank, world size and device from its environment).
-    d = runtime.setup_distributed(args.device)
+    proc = runtime.setup_distributed(args.device)
     # Each process takes an equal share of the global batch, cut into equal micro-batches.
-    if args.batch_size % (d.world_size * min(args.micro_batch, args.batch_size)):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {d.world_size} processes x --micro-batch")
+    if args.batch_size % (proc.world_size * min(args.micro_batch, args.batch_size)):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into "
+                         f"{proc.world_size} processes x --micro-batch")
     # The same seed on every process: the same initial toy weights and the same data order.
     runtime.seed_everything(args.seed)
+    latest = os.path.join(args.out, "latest")  # where checkpoints go
     try:
         records = load_training_records(args)
-        latest = os.path.join(args.out, "latest")
         source = runtime.resolve_checkpoint(latest) if args.resume else args.model
         # Every setting must match the checkpoint's, --model included: the weights come from the
         # checkpoint, but --model still decides (with --train-vision auto) which parameters train.
         # Checked before the model is loaded, so a refused resume costs no loading time.
         resume_state = runtime.read_training_state(source, vars(args)) if args.resume else None
         # On --resume the weights come from the checkpoint; otherwise from --model ("toy" builds it).
-        geometry = {"auto": None, "on": True, "off": False}[args.geometry]
+        geometry = model_lib.GEOMETRY_FLAG[args.geometry]
         net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed)
     except (FileNotFoundError, data.RecordError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    net.to(d.device)
+    net.to(proc.device)
     # The toy ViT starts random, so it must learn too; a real checkpoint's ViT stays frozen (paper).
     train_vision = args.train_vision == "yes" or (args.train_vision == "auto" and args.model == "toy")
     params = runtime.trainable_parameters(net, train_vision)
@@ -170,16 +183,19 @@ def main(argv: list[str] | None = None) -> None:
         runtime.restore_training_state(source, optimizer)
         start_step = resume_state["step"]
     # DDP averages gradients over processes on the last micro-batch's backward (see train_step).
-    ddp_net = DDP(net) if d.enabled else net
+    ddp_net = DDP(net) if proc.enabled else net
 
-    (logger,) = runtime.open_logs(args.out, ("metrics",), args.resume, start_step, d.master)
-    if d.master:
-        print(f"SFT: {len(records)} records ({', '.join(args.tasks)}), {model_lib.count_parameters(net) / 1e6:.2f} M parameters "
-              f"({sum(p.numel() for p in params) / 1e6:.2f} M trained), {d.world_size} process(es), from step {start_step}")
+    (logger,) = runtime.open_logs(args.out, ("metrics",), args.resume, start_step, proc.master)
+    if proc.master:
+        trained = sum(p.numel() for p in params) / 1e6
+        print(f"SFT: {len(records)} records ({', '.join(args.tasks)}), "
+              f"{model_lib.count_parameters(net) / 1e6:.2f} M parameters ({trained:.2f} M trained), "
+              f"{proc.world_size} process(es), from step {start_step}")
 
     end_step = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
-    bar = tqdm(range(start_step, end_step), disable=not d.master or args.no_progress, desc="sft", initial=start_step, total=args.steps)
-    micro = min(args.micro_batch, args.batch_size // d.world_size)  # records per forward pass here
+    bar = tqdm(range(start_step, end_step), disable=not proc.master or args.no_progress, desc="sft",
+               initial=start_step, total=args.steps)
+    micro = min(args.micro_batch, args.batch_size // proc.world_size)  # records per forward pass here
     for step in bar:
         t0 = time.time()
         # The learning rate is a pure function of the step: a resumed run continues the same curve.
@@ -187,33 +203,44 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         # This process's slice of the step's global batch, cut into micro-batches.
-        mine = runtime.shard(runtime.step_indices(step, args.batch_size, len(records), args.seed), d.rank, d.world_size)
-        batches = [data.collate([records[i] for i in mine[j:j + micro]], tokenizer, image_cfg)
-                   for j in range(0, len(mine), micro)]
+        global_batch = runtime.step_indices(step, args.batch_size, len(records), args.seed)
+        my_indices = runtime.shard(global_batch, proc.rank, proc.world_size)
+        batches = [data.collate([records[i] for i in my_indices[j:j + micro]], tokenizer, image_cfg)
+                   for j in range(0, len(my_indices), micro)]
         # N_answer of the module docstring: answer tokens of the whole global batch.
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
-        global_tokens = runtime.all_reduce_sum(local_tokens, d)
-        loss_sum = train_step(ddp_net, batches, global_tokens, d.world_size, d.device)
+        global_tokens = runtime.all_reduce_sum(local_tokens, proc)
+        loss_sum = train_step(ddp_net, batches, global_tokens, proc.world_size, proc.device)
         # Clipping the global norm keeps one unusually large gradient from derailing a run at the
         # toy's high learning rate (with --grad-clip 0 the norm is only measured, for the log).
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         # The logged loss is the global-batch mean; a NaN stops the run before the optimiser step,
         # so the last checkpoint stays the last good state.
-        loss = runtime.all_reduce_sum(loss_sum, d) / global_tokens
+        loss = runtime.all_reduce_sum(loss_sum, proc) / global_tokens
         if not np.isfinite(loss):
-            raise SystemExit(f"error: non-finite loss at step {step}; lower --lr (no checkpoint written for this step)")
+            raise SystemExit(f"error: non-finite loss at step {step}; lower --lr "
+                             "(no checkpoint written for this step)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
-        if d.master:
+        if proc.master:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
             if step % args.log_every == 0 or step == end_step - 1:
                 logger.log({"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": float(grad_norm),
                             "tokens_per_s": round(global_tokens / seconds, 1), "step_s": round(seconds, 3)})
-        # Periodic held-out evaluation and checkpoint (rank 0 writes; the others wait at a barrier).
-        runtime.end_of_step(step, end_step, args, d, net, tokenizer, image_cfg, optimizer, logger, args.tasks)
+        # ---- periodic held-out evaluation (rank 0), then the checkpoint. The evaluation comes
+        # first so that the checkpoint covers its log line (resuming drops and redoes later lines).
+        done = step + 1
+        if args.eval_every and done % args.eval_every == 0 and proc.master:
+            result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
+                                         limit=args.eval_limit, progress=False)
+            logger.log({"step": step, "eval": result})
+        if (args.save_every and done % args.save_every == 0) or done == end_step:
+            state = {"step": done, "args": vars(args)}  # rank 0 writes; the other processes wait
+            runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, state, proc)
     bar.close()
-    runtime.cleanup_distributed(d)
+    runtime.cleanup_distributed(proc)
 
 
 if __name__ == "__main__":

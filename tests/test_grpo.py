@@ -165,12 +165,13 @@ def test_samples_do_not_depend_on_the_batch(data_dir):
     records[1]["conversations"][0]["value"] += " Be precise."  # prompts of different lengths: left padding
     args = grpo.parse_args(["--group-size", "3", "--max-new-tokens", "10"])
     banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
-    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
+    setup = grpo.Setup(args, tokenizer, cfg, banned)
+    prompts = [grpo.prepare_prompt(net, r, setup) for r in records]
     assert prompts[0]["input_ids"].shape[1] != prompts[1]["input_ids"].shape[1]
     pad = tokenizer.pad_token_id
-    both = grpo.sample_groups(net, prompts, args, banned, [11, 22], pad)
-    first = grpo.sample_groups(net, prompts[:1], args, banned, [11], pad)
-    second = grpo.sample_groups(net, prompts[1:], args, banned, [22], pad)
+    both = grpo.sample_groups(net, prompts, [11, 22], setup)
+    first = grpo.sample_groups(net, prompts[:1], [11], setup)
+    second = grpo.sample_groups(net, prompts[1:], [22], setup)
     width = both.shape[1]
     pad_to = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)
     assert torch.equal(both, torch.cat([pad_to(first), pad_to(second)]))
@@ -189,8 +190,9 @@ def test_prefill_once_per_group_matches_prefill_per_sample(data_dir):
     G, pad = 3, tokenizer.pad_token_id
     args = grpo.parse_args(["--group-size", str(G), "--max-new-tokens", "12", "--temperature", "0.7"])
     banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
-    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
-    once = grpo.sample_groups(net, prompts, args, banned, [11, 22], pad)
+    setup = grpo.Setup(args, tokenizer, cfg, banned)
+    prompts = [grpo.prepare_prompt(net, r, setup) for r in records]
+    once = grpo.sample_groups(net, prompts, [11, 22], setup)
     batch = grpo.stack_prompts([p for p in prompts for _ in range(G)], pad)      # B*G full prompts
     embeds = net.fuse_geometry(batch["vision"], batch["image_grid_thw"], batch["geometry"])
     row_seeds = [int(np.random.default_rng([s, g]).integers(2**63)) for s in (11, 22) for g in range(G)]
@@ -211,8 +213,9 @@ def test_completion_logprobs_match_a_plain_per_row_computation(data_dir):
     records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
     records[1]["conversations"][0]["value"] += " Be precise."  # prompts of different lengths
     G, T, temperature = 2, 6, 0.7
-    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
     banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    setup = grpo.Setup(grpo.parse_args([]), tokenizer, cfg, banned)
+    prompts = [grpo.prepare_prompt(net, r, setup) for r in records]
     ids = torch.randint(10, 200, (len(records) * G, T))
     ids[1, 3] = tokenizer.eos_token_id  # row 1 stops early: its last two tokens are masked
     mask, _ = grpo.completion_mask(ids, tokenizer.eos_token_id)
@@ -250,8 +253,9 @@ def test_shared_prompt_pass_gives_the_gradient_of_one_pass_per_row(data_dir):
     records = data.load_records(os.path.join(data_dir, "train"), "detection", limit=2)
     records[1]["conversations"][0]["value"] += " Be precise."
     G, T = 3, 5
-    prompts = [grpo.prepare_prompt(net, r, tokenizer, cfg, torch.device("cpu")) for r in records]
     banned = model.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
+    setup = grpo.Setup(grpo.parse_args([]), tokenizer, cfg, banned)
+    prompts = [grpo.prepare_prompt(net, r, setup) for r in records]
     ids = torch.randint(10, 200, (len(records) * G, T))
     mask = torch.ones_like(ids)
     ro = grpo.Rollouts(records, prompts, ids, mask, torch.zeros(len(ids), dtype=torch.bool), [""] * len(ids),
@@ -427,7 +431,7 @@ def test_padding_after_eos_gives_finite_logprobs(data_dir, monkeypatch):
     fixed = torch.tensor([[5, 6, eos, pad], [7, eos, pad, pad], [5, 5, 5, 5], [eos, pad, pad, pad]])
     monkeypatch.setattr(grpo, "sample_groups", lambda *a, **k: fixed.clone())
     args = grpo.parse_args(["--group-size", "4", "--reward", "format=1"])
-    ro = grpo.rollout(net, records, [0], tokenizer, cfg, args, torch.device("cpu"), model.special_token_ids(tokenizer))
+    ro = grpo.rollout(net, records, [0], grpo.Setup(args, tokenizer, cfg, model.special_token_ids(tokenizer)))
     assert ro.completion_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ro.truncated.tolist() == [False, False, True, False]
     logp = grpo.completion_logprobs(net, ro, [0, 1, 2, 3], model.special_token_ids(tokenizer), 1.0)
