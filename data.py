@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 # =====================================================================================
-# Prompt texts (exactly the VG LLM / 3D-RFT wording, DESIGN.md "Prompts and answers")
+# Prompt texts (exactly the VG LLM / 3D-RFT wording, docs/DESIGN.md "Records and prompts")
 # =====================================================================================
 
 TASKS = ("detection", "grounding", "spatial")
@@ -172,7 +172,7 @@ def read_video_frames(path: str, k: int, mode: str = "uniform", stride: int = 1,
     """Sample k frames (H, W, 3 uint8) of a video file or a folder of images.
 
     Video files are decoded with PyAV (`pip install av`, optional): it is the only decoder that
-    works next to this CPU torch (torchvision cannot be installed, see DESIGN.md section 4).
+    works next to this CPU torch (torchvision cannot be installed: docs/DESIGN.md, "Platform facts").
     """
     if os.path.isdir(path):
         files = list_frame_files(path)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The headline demo (DESIGN.md section 2), the paper's ablation in miniature, on a laptop CPU:
+# The headline demo (docs/DESIGN.md, "The synthetic world"), the paper's ablation in miniature, on a laptop CPU:
 #   synthetic data -> SFT -> { GRPO | more SFT for the same extra wall time } -> held-out evaluation
 # then a table (mean and range over 3 evaluation seeds) and the GRPO reward curve.
 # Every step is a plain script with its own --help; change the numbers here to scale it.

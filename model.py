@@ -437,7 +437,7 @@ class ToySize:
 
 
 def toy_config(tokenizer: PreTrainedTokenizerFast, size: ToySize) -> Qwen2_5_VLConfig:
-    """A Qwen2.5-VL config scaled down, respecting the architecture's constraints (DESIGN.md 4)."""
+    """A Qwen2.5-VL config scaled down, respecting the architecture's constraints (docs/DESIGN.md, "Platform facts")."""
     head_dim = size.hidden // size.heads
     # mrope_section splits the rotary frequencies between (time, height, width) and must sum to
     # head_dim / 2; Qwen2.5-VL uses the ratio 1/4 : 3/8 : 3/8 (16, 24, 24 for head_dim 128).

@@ -36,7 +36,7 @@ from data import FORMAT_TAGS, MC_QUESTION_TYPES, NUMERIC_QUESTION_TYPES
 # 1. Rewards
 # =============================================================================================
 # Each reward is `f(completion: str, record: dict) -> float`, where `record` is one JSON-lines
-# data record (the VG LLM format; docs/DESIGN.md "Records"). The `_reward` guard makes
+# data record (the VG LLM format; docs/DESIGN.md "Records and prompts"). The `_reward` guard makes
 # every one of them total: any exception -> 0.0, NaN -> 0.0, and the value is clamped to the
 # documented range (also stored as `f.reward_range` for tests). A reward that does not apply
 # to the record's task returns 0.

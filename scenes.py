@@ -1,6 +1,6 @@
 """The synthetic 3D world: procedural rooms, a ray-cast camera, and records of all three tasks.
 
-This implements DESIGN.md section 2, "The embedded default: a synthetic 3D world". No model
+This implements docs/DESIGN.md, "The synthetic world" (the embedded default). No model
 weights or data sets can be downloaded at run time, so the project ships a tiny world in which
 every part of 3D-RFT (SFT warm-up, GRPO with verifiable rewards, evaluation) runs and learns on a
 laptop CPU:
@@ -15,7 +15,7 @@ laptop CPU:
 * a geometry prior that stands in for VGGT features: per-patch mean 3D points (from depth and
   poses) in the camera frame of each record's first sampled frame.
 
-Conventions (DESIGN.md "Boxes"). A box is 9 numbers [x, y, z, dx, dy, dz, yaw, roll, pitch] with
+Conventions (docs/DESIGN.md "Boxes"). A box is 9 numbers [x, y, z, dx, dy, dz, yaw, roll, pitch] with
 rotation R = Rz(yaw) @ Rx(roll) @ Ry(pitch) and corners centre + R @ (+-dx/2, +-dy/2, +-dz/2).
 * In a camera frame an object's local axes are "camera-like": dx = width (horizontal),
   dy = height (vertical, +y points down), dz = depth (horizontal). An upright object seen by a
@@ -138,7 +138,7 @@ CEILING_COLOUR = np.array([238.0, 238.0, 238.0])
 FLOOR_TILE = 0.5
 
 # =====================================================================================
-# Rotations (the DESIGN.md "Boxes" convention)
+# Rotations (the docs/DESIGN.md "Boxes" convention)
 # =====================================================================================
 # The box maths (R = Rz(yaw) @ Rx(roll) @ Ry(pitch), corners, ZXY Euler angles) lives in
 # boxes.py: the world uses the very functions the rewards score with.
@@ -511,7 +511,7 @@ def box2d_area(frame: Frame, index: int) -> int:
 
 
 def uniform_indices(num_frames: int, k: int) -> list[int]:
-    """DESIGN.md frame sampler: round(linspace(0, N - 1, k))."""
+    """The frame sampler of docs/DESIGN.md "Records and prompts": round(linspace(0, N - 1, k))."""
     return data.sample_frame_indices(num_frames, k, mode="uniform")
 
 
