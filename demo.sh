@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 SFT_STEPS=${SFT_STEPS:-2500}        # supervised warm-up steps (batch 16)
 GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
-GRPO_TEMP=${GRPO_TEMP:-0.7}         # sampling temperature of the rollouts (see README: 1.0 mostly sharpens)
+GRPO_TEMP=${GRPO_TEMP:-0.7}         # sampling temperature of the rollouts (docs/EXPERIMENTS.md item 10: 1.0 mostly sharpens)
 EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out detection records per evaluation seed (of 600 scenes x 3)
 start=$(date +%s)
 
