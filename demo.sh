@@ -45,14 +45,14 @@ fi
 
 echo "== 3. GRPO from the SFT checkpoint (timed)"
 t0=$(date +%s)
-$PY grpo.py --init runs/sft/latest --out runs/grpo --steps "$GRPO_STEPS" --temperature "$GRPO_TEMP" --no-progress
+$PY grpo.py --init runs/sft/latest --out runs/grpo --overwrite --steps "$GRPO_STEPS" --temperature "$GRPO_TEMP" --no-progress
 grpo_seconds=$(( $(date +%s) - t0 ))
 
 echo "== 4. SFT -> more SFT for the same wall time (${grpo_seconds}s)"
 # Steps that fit in GRPO's wall time at the measured SFT step time of step 2.
 sft_step_s=$($PY -c "import json; r=sorted(x['step_s'] for x in map(json.loads, open('runs/sft/metrics.jsonl')) if 'step_s' in x); print(r[len(r)//2])")
 more_steps=$($PY -c "print(max(1, int($grpo_seconds / $sft_step_s)))")
-$PY sft.py --model runs/sft/latest --out runs/sft_more --steps "$more_steps" --lr 5e-4 --warmup 10 --no-progress
+$PY sft.py --model runs/sft/latest --out runs/sft_more --overwrite --steps "$more_steps" --lr 5e-4 --warmup 10 --no-progress
 
 echo "== 5. held-out evaluation, 3 seeds each"
 for run in sft sft_more grpo; do

@@ -72,22 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split folder inside --data")
     p.add_argument("--tasks", default="detection", type=parse_tasks,  # comma-separated
                    help=f"comma-separated tasks out of {','.join(data.TASKS)}")
-    p.add_argument("--limit", default=None, type=int,  # None = every record of the split
+    p.add_argument("--limit", default=None, type=runtime.int_at_least(1),  # None = every record of the split
                    help="evaluate a random subset of this many records per task (all if not given)")
     p.add_argument("--seed", default=0, type=int,  # the "evaluation seed": which subset --limit takes
                    help="seed of the random subset chosen by --limit (decoding is greedy, so it is "
                         "the only randomness)")
     # how to run
-    p.add_argument("--batch-size", default=32, type=int,  # prompts decoded together
+    p.add_argument("--batch-size", default=32, type=runtime.int_at_least(1),  # prompts decoded together
                    help="prompts per generate() call")
-    p.add_argument("--max-new-tokens", default=None, type=int,  # None = data.DEFAULT_MAX_NEW_TOKENS
+    p.add_argument("--max-new-tokens", default=None, type=runtime.int_at_least(1),  # None = data.DEFAULT_MAX_NEW_TOKENS
                    help="completion length limit (default per task: "
                         + ", ".join(f"{k} {v}" for k, v in data.DEFAULT_MAX_NEW_TOKENS.items()) + ")")
     p.add_argument("--device", default="auto",  # auto = cuda when available, else cpu
                    help="torch device: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),  # fp32 on CPU
                    help="model weights dtype")
-    p.add_argument("--samples", default=3, type=int,  # completions kept in the JSON per task
+    p.add_argument("--samples", default=3, type=runtime.int_at_least(0),  # completions kept in the JSON per task
                    help="number of example completions stored per task")
     p.add_argument("--no-progress", action="store_true",  # progress bar on stderr by default
                    help="hide the progress bar")
@@ -424,7 +424,7 @@ def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
                                         "seed": seed, "decoding": "greedy"}}
     for task in tasks:
         records = load_eval_records(data_dir, split, task, limit, seed)
-        n_tokens = max_new_tokens or data.DEFAULT_MAX_NEW_TOKENS[task]
+        n_tokens = data.DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
         completions = generate_completions(net, tokenizer, image_cfg, records, batch_size, n_tokens, progress)
         metrics = score(task, records, completions)
         metrics["max_new_tokens"] = n_tokens
@@ -546,12 +546,27 @@ def run_compare(args: argparse.Namespace) -> None:
     print(compare_table(results[0], results[1], names, more=results[2:]))
 
 
+def check_output_file(path: str) -> None:
+    """A one-line error now, rather than after the evaluation, when --out cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --out {path} is a folder; give a file name, e.g. {os.path.join(path, 'eval.json')}")
+    blocker = parent
+    while not os.path.exists(blocker):  # the folders that would be made must not pass through a file
+        blocker = os.path.dirname(blocker)
+    if not os.path.isdir(blocker):
+        raise SystemExit(f"error: --out {path}: {blocker} is a file, not a folder")
+
+
 def run_eval(args: argparse.Namespace) -> None:
     """Evaluate one model: load, generate, score, print the table, save the JSON."""
-    # Check the data and the device first: a typo in either should not cost a model load.
+    # Check the data, the device and the output path first: a typo in any should not cost a
+    # model load (nor, for --out, a whole evaluation).
     for task in args.tasks:
         load_eval_records(args.data, args.split, task, args.limit, args.seed)
     device = runtime.resolve_device(args.device)
+    if args.out:
+        check_output_file(args.out)
     geometry = model_lib.GEOMETRY_FLAG[args.geometry]
     net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry, dtype=getattr(torch, args.dtype))
     net.to(device)
@@ -573,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_compare(args)
         else:
             run_eval(args)
-    except (FileNotFoundError, NotADirectoryError, data.RecordError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # RecordError is a ValueError
         # a missing checkpoint / data folder / results file is a one-line message, not a traceback
         raise SystemExit(f"error: {e}") from None
 

@@ -80,16 +80,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=at_least(1), default=60, help="GRPO steps (one rollout batch each)")
     p.add_argument("--prompts-per-step", type=at_least(1), default=8,
                    help="prompts per step over all processes")
-    p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--group-size", type=at_least(2), default=8,
+                   help="G: completions sampled per prompt (advantages compare answers within a group)")
+    p.add_argument("--temperature", type=runtime.number(0, above=True), default=1.0,
                    help="sampling temperature (log-probs use the same)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=None,
                    help="completion budget (default: data.DEFAULT_MAX_NEW_TOKENS of the task)")
-    p.add_argument("--eps", type=float, default=0.2, help="clip range: ratio kept within [1-eps, 1+eps_high]")
-    p.add_argument("--eps-high", type=float, default=None,
+    p.add_argument("--eps", type=runtime.number(0, 1), default=0.2,
+                   help="clip range: ratio kept within [1-eps, 1+eps_high]")
+    p.add_argument("--eps-high", type=runtime.number(0), default=None,
                    help="upper clip (DAPO's clip-higher); default = --eps")
     # Paper: beta > 0 for perception; beta = 0 (no reference model) for spatial reasoning with LoRA.
-    p.add_argument("--beta", type=float, default=0.04,
+    p.add_argument("--beta", type=runtime.number(0), default=0.04,
                    help="KL penalty to the frozen initial policy (0 = no reference model)")
     # Paper: the token-level mean ("token-mean"); DeepSeekMath's GRPO averages per sequence first.
     p.add_argument("--loss-agg", choices=["token-mean", "seq-mean"], default="token-mean",
@@ -97,16 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "seq-mean: per sequence first (DeepSeekMath)")
     p.add_argument("--scale-rewards", choices=["group", "none"], default="group",
                    help="group: divide by the group's std (+1e-4, the paper's A_i); none: mean-centre only")
-    p.add_argument("--mu", type=int, default=1,
+    p.add_argument("--mu", type=at_least(1), default=1,
                    help="optimisation passes per rollout batch (old log-probs kept when > 1)")
-    p.add_argument("--micro-batch", type=int, default=8,
+    p.add_argument("--micro-batch", type=at_least(1), default=8,
                    help="sequences per forward/backward (gradient accumulation)")
     # ---- optimiser (not given by the paper)
-    p.add_argument("--lr", type=float, default=3e-4,
+    p.add_argument("--lr", type=runtime.number(0, above=True), default=3e-4,
                    help="learning rate (1e-6 for a real 3B model; the toy needs more)")
-    p.add_argument("--warmup", type=int, default=5, help="linear warm-up steps, then constant")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--warmup", type=at_least(0), default=5, help="linear warm-up steps, then constant")
+    p.add_argument("--weight-decay", type=runtime.number(0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=runtime.number(0), default=1.0,
+                   help="clip the global gradient norm (0 = off)")
     p.add_argument("--train-vision", action="store_true", help="also train the ViT (frozen in the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and of the sampling")
     # ---- bookkeeping: logs, samples, checkpoints, periodic evaluation, resume, device
@@ -117,12 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         default = dict(rewards.TASK_REWARDS[args.task])
         args.weights = rewards.parse_weights(args.reward) if args.reward else default
+        rewards.check_weights(args.weights, args.task)  # an empty set, or rewards of another task
     except ValueError as e:
         p.error(str(e))
-    if args.group_size < 2:
-        p.error("--group-size must be at least 2 (advantages compare answers within a group)")
-    if args.mu < 1 or args.micro_batch < 1 or args.temperature <= 0:
-        p.error("--mu and --micro-batch must be >= 1 and --temperature > 0")
     if args.max_new_tokens is None:
         args.max_new_tokens = data.DEFAULT_MAX_NEW_TOKENS[args.task]
     return args
@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompts_per_step % proc.world_size:
         raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over "
                          f"{proc.world_size} processes")
+    # Before anything loads: a folder holding a run is refused without --resume / --overwrite,
+    # and a folder another run is writing to is refused outright (rank 0 locks it).
+    runtime.claim_run_folder(args.out, args.resume, args.overwrite, proc)
     runtime.seed_everything(args.seed)
     try:
         records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
@@ -623,8 +626,9 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.mu):
                 update = update_policy(policy, rollouts, normalizer, setup)
         except FloatingPointError as e:
-            raise SystemExit(f"error at step {step}: {e}; nothing was saved for this step "
-                             f"(last good checkpoint: {latest}); try a lower --lr") from None
+            raise SystemExit(f"error at step {step}: {e} (a learning rate too high, or NaN/inf in inputs, "
+                             f"e.g. geometry features); nothing was saved for this step, "
+                             f"{runtime.last_checkpoint_text(latest)}") from None
         update_s = time.time() - t1
         # ---- logging (rank 0): rollout statistics are gathered from every process
         metrics = step_metrics(rollouts, proc, G)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from boxes import BOX_SIZE, box_corners, corners_iou, iou_matrix
-from data import FORMAT_TAGS, MC_QUESTION_TYPES, NUMERIC_QUESTION_TYPES
+from data import FORMAT_TAGS, MC_QUESTION_TYPES, NUMERIC_QUESTION_TYPES, TASKS
 
 # =============================================================================================
 # 1. Rewards
@@ -51,8 +51,13 @@ from data import FORMAT_TAGS, MC_QUESTION_TYPES, NUMERIC_QUESTION_TYPES
 RewardFn = Callable[[str, dict], float]
 
 
-def _reward(lo: float = 0.0, hi: float = 1.0) -> Callable[[Callable[..., float]], RewardFn]:
-    """Decorator: never raise, never return NaN / inf, always land in [lo, hi]."""
+def _reward(lo: float = 0.0, hi: float = 1.0,
+            tasks: tuple[str, ...] = TASKS) -> Callable[[Callable[..., float]], RewardFn]:
+    """Decorator: never raise, never return NaN / inf, always land in [lo, hi].
+
+    `tasks` names the tasks whose records the reward scores (0 on any other): grpo.py refuses
+    weights that would only ever see 0 (`check_weights`). Stored as `f.tasks`.
+    """
     def wrap(fn: Callable[..., float]) -> RewardFn:
         @functools.wraps(fn)
         def safe(completion: str, record: dict) -> float:
@@ -64,6 +69,7 @@ def _reward(lo: float = 0.0, hi: float = 1.0) -> Callable[[Callable[..., float]]
                 return 0.0
             return min(hi, max(lo, value))
         safe.reward_range = (lo, hi)  # type: ignore[attr-defined]
+        safe.tasks = tasks  # type: ignore[attr-defined]
         return safe
     return wrap
 
@@ -133,7 +139,7 @@ def _detection(completion: str, record: dict) -> tuple[list[dict], list[dict]] |
     return None if pred is None else (pred, _gt_boxes(record))
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("detection",))
 def iou_reward(completion: str, record: dict) -> float:
     """R_IoU in [0, 1]: mean over predicted boxes of the best 3D IoU with any ground-truth box
     (labels ignored). Empty prediction and empty ground truth: 1 (a perfect answer); exactly
@@ -161,7 +167,7 @@ def _both_ways(matrix: np.ndarray) -> float:
     return 0.5 * float(matrix.max(axis=1).mean()) + 0.5 * float(matrix.max(axis=0).mean())
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("detection",))
 def iou_both_ways_reward(completion: str, record: dict) -> float:
     """R_IoU made recall-aware (an ablation, not the paper's R_IoU): the mean of R_IoU's
     precision-like half (each predicted box's best IoU with any true box) and a recall-like half
@@ -175,7 +181,7 @@ def iou_both_ways_reward(completion: str, record: dict) -> float:
     return _score_boxes(completion, record, lambda pred, gt: _both_ways(iou_matrix(pred, gt)))
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("detection",))
 def f1_reward(completion: str, record: dict) -> float:
     """R_F1 in [0, 1]: 2TP / (2TP + FP + FN) with `match_detections` at IoU > 0.25.
     Empty prediction and empty ground truth: 1 (nothing to find, nothing claimed); exactly
@@ -191,7 +197,7 @@ def f1_reward(completion: str, record: dict) -> float:
 CENTRE_SCALE_M = 0.5  # distance (metres) at which R_centre's closeness has fallen to 1/e
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("detection",))
 def centre_reward(completion: str, record: dict) -> float:
     """R_centre in [0, 1]: a dense shaping term, not one of the paper's rewards (an ablation).
 
@@ -228,7 +234,7 @@ def _grounding(completion: str, record: dict) -> tuple[int, list[float]] | None:
     return parsed
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("grounding",))
 def frame_reward(completion: str, record: dict) -> float:
     """R_frame in [0, 1] = max(0, 1 - |f_pred - f_gt| / 5). A frame outside 0..len(cam2global)-1
     (or not an int), a malformed answer or a non-grounding record: 0.
@@ -239,7 +245,7 @@ def frame_reward(completion: str, record: dict) -> float:
     return max(0.0, 1.0 - abs(parsed[0] - int(record["gt_frame"])) / 5.0)
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("grounding",))
 def grounding_iou_reward(completion: str, record: dict) -> float:
     """R_IoU for grounding, in [0, 1]: the predicted box is in the camera frame of the predicted
     frame f; its corners are mapped to the scene by axis_align_matrix @ cam2global[f] and IoU'd
@@ -258,7 +264,7 @@ def grounding_iou_reward(completion: str, record: dict) -> float:
 
 # --- spatial question answering (VSI-Bench) -------------------------------------------------
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("spatial",))
 def accuracy_reward(completion: str, record: dict) -> float:
     """Multiple-choice accuracy in {0, 1}: the answer's option letter equals the record's
     (case-insensitive; letter variants as in `parse_choice`). Numeric or non-spatial
@@ -272,7 +278,7 @@ def accuracy_reward(completion: str, record: dict) -> float:
     return 1.0 if pred is not None and pred == gt else 0.0
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("spatial",))
 def mra_reward(completion: str, record: dict) -> float:
     """Numeric answer score in [0, 1]: `mra(pred, gt)` (gt == 0 -> exact match). Multiple-choice
     or non-spatial records, or malformed answers: 0.
@@ -285,7 +291,7 @@ def mra_reward(completion: str, record: dict) -> float:
     return 0.0 if pred is None or gt is None else mra(pred, gt)
 
 
-@_reward(0.0, 1.0)
+@_reward(0.0, 1.0, tasks=("spatial",))
 def spatial_reward(completion: str, record: dict) -> float:
     """The spatial-QA task reward in [0, 1]: accuracy for multiple-choice question types, MRA
     for numeric ones (dispatch on `question_type`, see `_is_mc`). Non-spatial records: 0.
@@ -348,6 +354,23 @@ def parse_weights(spec: str) -> dict[str, float]:
             raise ValueError(f"weight of reward {name!r} is not finite: {value!r}")
         weights[name] = weight
     return weights
+
+
+def check_weights(weights: dict[str, float], task: str) -> None:
+    """ValueError unless the weights give the task something to learn from.
+
+    At least one reward must have a non-zero weight, and every named reward must score `task`.
+    Example: check_weights({"format": 1, "frame": 1}, "detection") -> ValueError naming "frame".
+    """
+    if not any(w != 0 for w in weights.values()):
+        raise ValueError("no reward has a non-zero weight (e.g. --reward format=1,iou=1,f1=1)")
+    def scores(name: str) -> bool:  # a reward without `tasks` (not made by _reward) may score any task
+        return task in getattr(REWARDS[name], "tasks", TASKS)
+
+    foreign = [name for name in weights if not scores(name)]
+    if foreign:
+        raise ValueError(f"reward(s) {', '.join(foreign)} do not score {task} records (they would always be 0); "
+                         f"{task} rewards: {', '.join(n for n in REWARDS if scores(n))}")
 
 
 def total_reward(completion: str, record: dict,

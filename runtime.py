@@ -14,11 +14,13 @@ grpo.py), where a reader of `main` sees them; this file imports no trainer and n
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import random
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 
@@ -63,6 +65,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"error: --device {name!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: never tried with this code
+        raise SystemExit(f"error: --device {name}: only cpu and cuda are supported (use cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}, but this machine has no usable CUDA GPU (use --device cpu)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -165,6 +169,28 @@ def int_at_least(minimum: int):
     return parse
 
 
+def number(minimum: float = -math.inf, maximum: float = math.inf, above: bool = False):
+    """An argparse `type`: a finite float in [minimum, maximum] (> minimum with above=True).
+
+    A negative --lr or --min-lr-ratio, a NaN --temperature or an --eps of 2 would not crash: they
+    would silently train uphill or not at all. So they are usage errors (exit 2) before anything
+    loads. Example: number(0, above=True)("0") -> "must be > 0, got 0.0".
+    """
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < minimum or (above and value == minimum) or value > maximum:
+            low = f"> {minimum:g}" if above else f">= {minimum:g}"
+            high = "" if maximum == math.inf else f" and <= {maximum:g}"
+            raise argparse.ArgumentTypeError(f"must be {low}{high}, got {value:g}")
+        return value
+    return parse
+
+
 def add_run_arguments(p, log_every: int, save_every: int) -> None:
     """Bookkeeping flags of sft.py and grpo.py: logs, checkpoints, evaluation, resume, device."""
     p.add_argument("--log-every", type=int_at_least(1), default=log_every, help="steps between metric lines")
@@ -172,8 +198,13 @@ def add_run_arguments(p, log_every: int, save_every: int) -> None:
                    help="steps between checkpoints (0 = only the one at the end, which is always written)")
     p.add_argument("--eval-every", type=int_at_least(0), default=0, help="steps between held-out evaluations (0 = off)")
     p.add_argument("--eval-limit", type=int_at_least(1), default=32, help="held-out records per periodic evaluation")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/latest exactly (same settings; only logging, checkpoint, evaluation, --stop-after, --out and device flags may change)")
+    # A folder that holds a run is never silently replaced: say --resume or --overwrite.
+    what_to_do = p.add_mutually_exclusive_group()
+    what_to_do.add_argument("--resume", action="store_true",
+                            help="continue from <out>/latest exactly (same settings; only logging, checkpoint, "
+                                 "evaluation, --stop-after, --out and device flags may change)")
+    what_to_do.add_argument("--overwrite", action="store_true",
+                            help="replace the run already in --out (its logs and checkpoints are deleted)")
     p.add_argument("--stop-after", type=int_at_least(1), default=None,
                    help="end this run after this step (schedules still span --steps)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -251,9 +282,12 @@ def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, op
                     proc: Dist | None = None) -> None:
     """Write model (safetensors), optimiser, RNG and `state` (step, args...) atomically to `path`.
 
-    Everything goes to `path.tmp` first and is renamed into place, so `path` is always either the
-    previous complete checkpoint or the new complete one. Under torchrun (`proc` given) rank 0
-    writes and every process waits for it at a barrier, so no process runs ahead of a checkpoint.
+    Everything goes to `path.tmp` first, `trainer_state.json` last (itself through a rename), so
+    a `path.tmp` holding it is complete. Then `path` becomes `path.old` and `path.tmp` becomes
+    `path`. A process killed at any instant leaves `path`, or a complete `path.tmp` beside
+    `path.old`, or `path.old` alone: `resolve_checkpoint` finds the newest complete one, and
+    `claim_run_folder` puts it back in place when the run is resumed.
+    Under torchrun (`proc` given) rank 0 writes and every process waits for it at a barrier.
     """
     if proc is not None and not proc.master:
         barrier(proc)
@@ -265,22 +299,47 @@ def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, op
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     # Optimiser moments and RNG states are not model weights: torch.save keeps their exact types.
     torch.save(rng, os.path.join(tmp, RNG_FILE))
-    with open(os.path.join(tmp, STATE_FILE), "w") as f:
+    with open(os.path.join(tmp, STATE_FILE + ".part"), "w") as f:
         json.dump(state, f, indent=1)
+    os.replace(os.path.join(tmp, STATE_FILE + ".part"), os.path.join(tmp, STATE_FILE))  # now complete
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
-        os.replace(path, old)  # a crash right here leaves `path.old`, which resolve_checkpoint finds
+        os.replace(path, old)  # a kill right here leaves `path.old` and a complete `path.tmp`
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     if proc is not None:
         barrier(proc)
 
 
+def is_complete(folder: str) -> bool:
+    """Did save_checkpoint finish writing this folder? (its trainer_state.json is written last)"""
+    return os.path.isfile(os.path.join(folder, STATE_FILE))
+
+
 def resolve_checkpoint(path: str) -> str:
-    """`path`, or `path.old` when a crash hit between the two renames of save_checkpoint."""
-    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
-        return path + ".old"
+    """The newest complete checkpoint of `path`: itself, else a complete `path.tmp` (a write cut
+    between its two renames), else `path.old`; `path` when there is none, for the caller's error."""
+    if os.path.isdir(path):
+        return path
+    for candidate in (path + ".tmp", path + ".old"):
+        if os.path.isdir(candidate) and is_complete(candidate):
+            return candidate
     return path
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of the checkpoint `resolve_checkpoint(path)` would resume from, or None."""
+    found = resolve_checkpoint(path)
+    if not is_complete(found):
+        return None
+    with open(os.path.join(found, STATE_FILE)) as f:
+        return int(json.load(f).get("step", 0))
+
+
+def last_checkpoint_text(path: str) -> str:
+    """For error messages: which checkpoint a user can go back to, as it really is on disk."""
+    step = checkpoint_step(path)
+    return "no checkpoint has been written yet" if step is None else f"the last checkpoint is {path} (step {step})"
 
 
 def read_training_state(path: str, args: dict | None = None, also_free: tuple[str, ...] = (),
@@ -315,7 +374,7 @@ def restore_training_state(path: str, optimizer) -> None:
 
 # Flags that may differ on --resume: bookkeeping that does not change what is computed.
 # `out` too: a run folder may be moved or copied before it is resumed.
-RESUME_FREE_FLAGS = frozenset({"resume", "stop_after", "no_progress", "log_every", "save_every",
+RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "stop_after", "no_progress", "log_every", "save_every",
                                "eval_every", "eval_limit", "sample_every", "device", "out"})
 
 
@@ -346,3 +405,101 @@ def trainable_parameters(net: torch.nn.Module, train_vision: bool) -> list[torch
     for name, p in net.named_parameters():
         p.requires_grad = train_vision or ".visual." not in f".{name}"
     return [p for p in net.parameters() if p.requires_grad]
+
+
+# =====================================================================================
+# Run folders: never destroy finished work, one run per folder
+# =====================================================================================
+
+LOCK_FILE = "run.lock"  # holds the pid and host of the run writing into the folder
+
+
+def holds_a_run(out: str) -> bool:
+    """Does `out` hold (part of) a run: logs or a checkpoint, complete or not?"""
+    names = ("metrics.jsonl", "samples.jsonl", "latest", "latest.tmp", "latest.old")
+    return any(os.path.exists(os.path.join(out, name)) for name in names)
+
+
+def claim_run_folder(out: str, resume: bool, overwrite: bool, proc: Dist) -> None:
+    """Check `out` before anything is loaded and lock it for this run (rank 0 acts, all wait).
+
+    A folder that already holds a run is refused unless --resume (continue it) or --overwrite
+    (replace it) says what to do with it: re-running a finished command must not wipe its logs
+    and checkpoint. A second run on a locked folder is refused with the holder's pid; a lock left
+    by a killed run (its pid no longer alive on this host) is taken over. Example message:
+        error: runs/sft already holds a run (metrics.jsonl, latest/): pass --resume to continue it, ...
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a file, not a run folder")
+    if proc.master:  # rank 0 speaks for the job; torchrun stops the others if it exits
+        check_and_lock_run_folder(out, resume, overwrite)
+    barrier(proc)  # nobody reads the folder before rank 0 has repaired it
+
+
+def check_and_lock_run_folder(out: str, resume: bool, overwrite: bool) -> None:
+    """Rank 0's part of claim_run_folder."""
+    if holds_a_run(out) and not resume and not overwrite:
+        found = ", ".join(n for n in ("metrics.jsonl", "latest/") if os.path.exists(os.path.join(out, n.strip("/"))))
+        raise SystemExit(f"error: {out} already holds a run ({found or 'an unfinished checkpoint'}): pass --resume "
+                         "to continue it, --overwrite to replace it, or choose another --out")
+    os.makedirs(out, exist_ok=True)
+    take_lock(os.path.join(out, LOCK_FILE))
+    latest = os.path.join(out, "latest")
+    if overwrite and not resume:
+        for name in (latest, latest + ".tmp", latest + ".old"):  # the old run's checkpoints go
+            shutil.rmtree(name, ignore_errors=True)
+    elif resume and resolve_checkpoint(latest) != latest:
+        # A write cut between its renames left the newest complete copy as latest.tmp or .old:
+        # it goes back to `latest` before anything reads it (a run resumed at its last step
+        # would otherwise never write `latest` again).
+        os.replace(resolve_checkpoint(latest), latest)
+
+
+def take_lock(path: str) -> None:
+    """Create `path` exclusively with our pid (released at exit); refuse if a live run holds it."""
+    host = socket.gethostname()
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = read_lock(path)
+            ours = holder is not None and holder == (os.getpid(), host)  # an earlier main() of this process
+            if holder is not None and not ours and (holder[1] != host or pid_alive(holder[0])):
+                where = "" if holder[1] == host else f" on {holder[1]}"
+                raise SystemExit(f"error: {os.path.dirname(path)} is in use by another run (pid {holder[0]}{where}); "
+                                 f"wait for it, or choose another --out (remove {path} if that run is gone)")
+            os.remove(path)  # ours, or the holder was killed (kill -9 leaves its lock behind)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host}, f)
+        atexit.register(release_lock, path)
+        return
+    raise SystemExit(f"error: could not lock {path}")
+
+
+def read_lock(path: str) -> tuple[int, str] | None:
+    """(pid, host) of a lock file, or None when it is unreadable (then treated as stale)."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Is a process with this pid running on this machine? (signal 0 only checks)"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    return True
+
+
+def release_lock(path: str) -> None:
+    """Remove our lock at exit (only if it is still ours)."""
+    holder = read_lock(path)
+    if holder is not None and holder[0] == os.getpid():
+        os.remove(path)

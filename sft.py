@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=os.path.normpath, default="data/toy",
                    help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="train", help="split folder to train on")
-    p.add_argument("--tasks", default="detection",
+    p.add_argument("--tasks", default="detection", type=evaluation.parse_tasks,
                    help="comma-separated tasks to mix: detection,grounding,spatial")
     p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many records per task")
     p.add_argument("--out", type=os.path.normpath, default="runs/sft",
@@ -63,22 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="global batch (records per optimiser step, all processes)")
     p.add_argument("--micro-batch", type=at_least(1), default=8,
                    help="records per forward pass (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=3e-3, 
+    p.add_argument("--lr", type=runtime.number(0, above=True), default=3e-3, 
                    help="peak learning rate (the toy model needs a large one)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decays to this fraction of --lr")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--min-lr-ratio", type=runtime.number(0, 1), default=0.05,
+                   help="cosine decays to this fraction of --lr")
+    p.add_argument("--warmup", type=at_least(0), default=50, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=runtime.number(0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=runtime.number(0), default=1.0,
+                   help="clip the global gradient norm (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the initialisation")
     # ---- bookkeeping: logs, checkpoints, periodic evaluation, resume, device
     runtime.add_run_arguments(p, log_every=10, save_every=250)
     args = p.parse_args(argv)
     if args.batch_size % args.micro_batch and args.micro_batch < args.batch_size:
         p.error("--batch-size must be a multiple of --micro-batch")
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for task in args.tasks:
-        if task not in data.TASKS:
-            p.error(f"unknown task {task!r}; choose from {', '.join(data.TASKS)}")
     return args
 
 
@@ -157,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size % (proc.world_size * min(args.micro_batch, args.batch_size)):
         raise SystemExit(f"error: --batch-size {args.batch_size} must split into "
                          f"{proc.world_size} processes x --micro-batch")
+    # Before anything loads: a folder holding a run is refused without --resume / --overwrite,
+    # and a folder another run is writing to is refused outright (rank 0 locks it).
+    runtime.claim_run_folder(args.out, args.resume, args.overwrite, proc)
     # The same seed on every process: the same initial toy weights and the same data order.
     runtime.seed_everything(args.seed)
     latest = os.path.join(args.out, "latest")  # where checkpoints go
@@ -219,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         # so the last checkpoint stays the last good state.
         loss = runtime.all_reduce_sum(loss_sum, proc) / global_tokens
         if not np.isfinite(loss):
-            raise SystemExit(f"error: non-finite loss at step {step}; lower --lr "
-                             "(no checkpoint written for this step)")
+            raise SystemExit(f"error: non-finite loss at step {step}: a learning rate too high, "
+                             f"or NaN/inf in the inputs (e.g. geometry features); nothing was saved for this "
+                             f"step, {runtime.last_checkpoint_text(latest)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
