@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
@@ -400,13 +401,42 @@ def completion_logprobs(net, rollouts: Rollouts, rows: list[int], banned: list[i
         geometry=batch["geometry"],
         completion_ids=comp,
         copies=[owners.count(b) for b in distinct],
-    ).float()
-    logits[..., banned] = -float("inf")
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    )
+    logp = token_logprobs(logits, comp, banned, temperature)
     # Padding after EOS is a banned token (log-prob -inf); it is masked out of the loss, and set
     # to 0 here so that 0 * -inf never turns the masked sum into NaN.
     mask = rollouts.completion_mask[rows].to(comp.device).bool()
-    return logp.gather(-1, comp.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    return logp.masked_fill(~mask, 0.0)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, banned: list[int], temperature: float,
+                   rows_per_chunk: int = 1) -> torch.Tensor:
+    """log softmax(logits / T)[target] per position, banned tokens masked: (rows, T) in fp32.
+
+    The plain way, `log_softmax(logits.float() / T).gather(targets)`, builds full-vocabulary fp32
+    copies of the logits for every row at once and keeps one for the backward pass: for a real
+    vocabulary of 151,936 that is ~1.9 GB per copy for 8 rows x 400 tokens. Here each chunk of
+    rows is done on its own under activation checkpointing: only the logits as the model made
+    them (bf16 in a bf16 run) are kept for the backward pass, which recomputes the chunk's fp32
+    softmax. The numbers are those of the plain way, bit for bit (the same operations per row;
+    test_grpo's parity test). Example: logits [[[0, 0, ln 2]]] (1 row, 1 position, vocabulary 3),
+    target 2, T = 1 -> log(2 / 4) = -0.693.
+    """
+    banned_ids = torch.tensor(banned, dtype=torch.long, device=logits.device)
+
+    def chunk_logprobs(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        z = chunk.float().index_fill(-1, banned_ids, -float("inf"))  # never sampled, never scored
+        logp = torch.log_softmax(z / temperature, dim=-1)
+        return logp.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1)
+
+    pieces = []
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        chunk, chunk_targets = logits[start:start + rows_per_chunk], targets[start:start + rows_per_chunk]
+        if torch.is_grad_enabled() and logits.requires_grad:
+            pieces.append(checkpoint(chunk_logprobs, chunk, chunk_targets, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(chunk, chunk_targets))
+    return torch.cat(pieces)
 
 
 # =====================================================================================

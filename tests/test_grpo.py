@@ -439,3 +439,30 @@ def test_padding_after_eos_gives_finite_logprobs(data_dir, monkeypatch):
     ro.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     loss, _ = grpo.grpo_loss(logp, logp.detach(), logp.detach(), ro.advantages, ro.completion_mask)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logprobs_equal_the_plain_full_vocabulary_ones(dtype):
+    """grpo.token_logprobs (row chunks, checkpointed) against log_softmax over all rows at once:
+    the same values and the same gradients, bit for bit, in fp32 and from bf16 logits."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 50) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, 50, (3, 5))
+    targets[0, 0] = 7  # a banned target scores -inf, as in the plain computation
+    banned = [7, 11, 49]
+
+    def plain(x):
+        z = x.float()
+        z = z.masked_fill(torch.isin(torch.arange(50), torch.tensor(banned)), -float("inf"))
+        return torch.log_softmax(z / 0.7, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    weights = torch.rand(3, 5)
+    weights[0, 0] = 0
+    expected = plain(logits)
+    (grad_expected,) = torch.autograd.grad((expected.masked_fill(weights == 0, 0) * weights).sum(), logits)
+    got = grpo.token_logprobs(logits, targets, banned, 0.7)
+    (grad_got,) = torch.autograd.grad((got.masked_fill(weights == 0, 0) * weights).sum(), logits)
+    assert torch.equal(got, expected) and got[0, 0] == -float("inf")
+    assert torch.equal(grad_got, grad_expected)
+    with torch.no_grad():  # the reference pass: no checkpointing, same numbers
+        assert torch.equal(grpo.token_logprobs(logits, targets, banned, 0.7, rows_per_chunk=2), expected)
