@@ -1,10 +1,10 @@
 """Data: frame sampling, records, prompts and batching (3D-RFT section 3, "Data"; VG LLM data format).
 
 3D-RFT inherits its data format from VG LLM: a sample is a handful of video frames plus a
-conversation, stored as one JSON line. The model answers in text; the ground truth needed by the
+conversation, stored as one JSON record. The model answers in text; the ground truth needed by the
 verifiable rewards (3D boxes, the target frame, the QA answer) travels in the same record.
 
-A record (one line of `<split>/<task>.jsonl`) looks like:
+A record of the project's own files (one line of `<split>/<task>.jsonl`) looks like:
 
     {"id": "det-000012-0", "task": "detection",
      "images": ["scenes/000012/frames/003.png", ...],      # paths relative to the jsonl's folder
@@ -16,25 +16,32 @@ A record (one line of `<split>/<task>.jsonl`) looks like:
      "question_type": "object_counting", "answer": "3",                                   # spatial
      "cam2img": 4x4, "cam2global": [4x4 per sampled frame], "axis_align_matrix": 4x4}
 
-Each `<image>` in the human turn stands for one frame, in order. This file is free of anything
-specific to the synthetic world, so that real ScanNet / ScanRefer / VSI-Bench records go through the
-same code: only the data directory changes.
+Each `<image>` in the human turn stands for one frame, in order. `load_records` also reads the
+published files as they are (docs/DESIGN.md, "Records and prompts"): VG LLM's detection and
+ScanRefer JSON (an indented array or JSON lines, image paths relative to a media root) and
+VSI-Bench rows (question + `<dataset>/<scene_name>.mp4`), and turns every one into the record
+above; a video record carries `video` + `frame_indices` in place of `images`. This file is free
+of anything specific to the synthetic world: only the data paths change.
 
-Sections: prompt texts -> frame sampling -> record loading -> images and geometry -> batching.
+Sections: prompt texts -> frame sampling and videos -> the record check -> published formats ->
+reading record files -> file checks -> sequence lengths -> images and geometry -> batching.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
+import stat
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 # =====================================================================================
-# Prompt texts (exactly the VG LLM / 3D-RFT wording, docs/DESIGN.md "Records and prompts")
+# Prompt texts (exactly the VG LLM / 3D-RFT / VSI-Bench wording, docs/DESIGN.md "Records and prompts")
 # =====================================================================================
 
 TASKS = ("detection", "grounding", "spatial")
@@ -51,16 +58,21 @@ GROUNDING_PROMPT = (
     'Text: {desc} Output a JSON dictionary with the frame index in "frame" and its 3D bounding box '
     'in "bbox_3d" in the frame\'s coordinates.'
 )
-SPATIAL_PREFIX = "These are frames of a video. {question}"
+# VSI-Bench's own prompt (thinking-in-space, lmms_eval/tasks/vsibench/utils.py): pre-prompt,
+# question, "Options:" block and post-prompt each on their own line, one option per line.
+SPATIAL_PREFIX = "These are frames of a video.\n{question}"
 SPATIAL_NUMERIC_SUFFIX = "Please answer the question using a single word or phrase."
-SPATIAL_MC_SUFFIX = "Options: {options} Answer with the option's letter from the given choices directly."
+SPATIAL_MC_SUFFIX = "Options:\n{options}\nAnswer with the option's letter from the given choices directly."
 
 # VSI-Bench question types: numeric ones are scored by MRA, the others are multiple choice.
+# VSI-Bench splits object_rel_direction into _easy / _medium / _hard; the toy world asks the
+# plain name.
 NUMERIC_QUESTION_TYPES = (
     "object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation",
 )
 MC_QUESTION_TYPES = (
     "object_rel_distance", "object_rel_direction", "obj_appearance_order", "route_planning",
+    "object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard",
 )
 
 
@@ -84,11 +96,21 @@ def grounding_prompt(num_frames: int, description: str) -> str:
 
 
 def spatial_prompt(num_frames: int, question: str, options: Sequence[str] | None = None) -> str:
-    """Human turn of a VSI-Bench style question; `options` like ["A. sofa", "B. table"] for MC."""
+    """Human turn of a VSI-Bench question; `options` like ["A. sofa", "B. table"] for MC.
+
+    >>> print(spatial_prompt(1, "Which is closer to the bed?", ["A. sofa", "B. table"]))
+    <image>
+    These are frames of a video.
+    Which is closer to the bed?
+    Options:
+    A. sofa
+    B. table
+    Answer with the option's letter from the given choices directly.
+    """
     text = IMAGE_PLACEHOLDER * num_frames + "\n" + SPATIAL_PREFIX.format(question=question)
     if options:
-        return text + " " + SPATIAL_MC_SUFFIX.format(options=" ".join(options))
-    return text + " " + SPATIAL_NUMERIC_SUFFIX
+        return text + "\n" + SPATIAL_MC_SUFFIX.format(options="\n".join(options))
+    return text + "\n" + SPATIAL_NUMERIC_SUFFIX
 
 
 def format_number(value: float) -> str:
@@ -126,7 +148,7 @@ def wrap_answer(answer: str, think: str = "") -> str:
 
 
 # =====================================================================================
-# Frame sampling
+# Frame sampling and videos
 # =====================================================================================
 
 
@@ -168,26 +190,118 @@ def list_frame_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def _import_av(path: str):
+    """The PyAV module, or a one-line MissingDependency naming the install command.
+
+    PyAV is the only video decoder that works next to this CPU torch (torchvision cannot be
+    installed: docs/DESIGN.md, "Platform facts"), and only video files need it, so it is optional.
+    """
+    try:
+        import av  # optional extra: pip install av
+    except ImportError:
+        raise MissingDependency(f"reading the video {path} needs PyAV: pip install av "
+                                "(or pass a folder of frames)") from None
+    return av
+
+
+def _stat(path: str, kind: str) -> os.stat_result:
+    """os.stat of a file a record names; FileNotFoundError / RecordError (a folder) in one line."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{kind} not found: {path}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise RecordError(f"{kind} {path} is a directory, not a file")
+    return info
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one short line: decoders' messages sometimes span lines."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:200]
+
+
+# (path, mtime, size) -> (frames, height, width): a video's header is read once per process,
+# however many questions (VSI-Bench asks ~18 per video) use it. Keyed by mtime so that a file
+# replaced in the meantime is read again.
+_VIDEO_INFO: dict[tuple, tuple[int, int, int]] = {}
+
+
+def video_info(path: str) -> tuple[int, int, int]:
+    """(frames, height, width) of a video file, from its header (nothing is decoded); cached.
+
+    A container that stores no frame count is counted by demuxing its packets (one compressed
+    frame each: still no decoding). Example: a 12-frame 64 x 48 clip -> (12, 48, 64).
+    """
+    info = _stat(path, "video")
+    key = (path, info.st_mtime_ns, info.st_size)
+    if key not in _VIDEO_INFO:
+        av = _import_av(path)
+        try:
+            with av.open(path) as container:
+                streams = container.streams.video
+                stream = streams[0] if streams else None
+                frames = 0 if stream is None else stream.frames or sum(
+                    1 for packet in container.demux(stream) if packet.size)
+                size = (0, 0) if stream is None else (stream.codec_context.height, stream.codec_context.width)
+        except Exception as e:  # PyAV's error classes differ between versions: all mean "unreadable"
+            raise RecordError(f"video {path} is not readable ({_one_line(e)})") from None
+        if stream is None or frames < 1:
+            raise RecordError(f"video {path} holds no video frames")
+        _VIDEO_INFO[key] = (frames, *size)
+    return _VIDEO_INFO[key]
+
+
+def read_video_at(path: str, indices: Sequence[int]) -> list[np.ndarray]:
+    """Frames number `indices` (0-based, in decoding order) of a video file, (H, W, 3) uint8.
+
+    Decodes from the start and keeps only the wanted frames, stopping after the last one: exact
+    indices, where seeking by timestamp can land a frame off. Example: the frames [0, 11] of a
+    12-frame 64 x 48 clip -> two (48, 64, 3) arrays.
+    """
+    info = _stat(path, "video")
+    return list(_decode_video(path, tuple(int(i) for i in indices), info.st_mtime_ns))
+
+
+# The last 8 decoded samples are kept: VSI-Bench asks many questions about one video, all with
+# the same sampled frames, and decoding a long video is the slow part of loading a batch.
+@functools.lru_cache(maxsize=8)
+def _decode_video(path: str, indices: tuple[int, ...], mtime_ns: int) -> tuple[np.ndarray, ...]:
+    av = _import_av(path)
+    wanted, found, last, count = set(indices), {}, max(indices), 0
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame-parallel decoding where the codec allows it
+            for count, frame in enumerate(container.decode(stream), 1):
+                if count - 1 in wanted:
+                    found[count - 1] = frame.to_ndarray(format="rgb24")
+                if count - 1 >= last:
+                    break
+    except Exception as e:  # as in video_info: any decoder failure is an unreadable video
+        raise RecordError(f"video {path} is not readable ({_one_line(e)})") from None
+    missing = [i for i in indices if i not in found]
+    if missing:
+        raise RecordError(f"video {path}: frame {missing[0]} asked, but only {count} frames decode")
+    frames = tuple(found[i] for i in indices)
+    for frame in frames:
+        frame.flags.writeable = False  # shared through the cache: nobody may change them
+    return frames
+
+
 def read_video_frames(path: str, k: int, mode: str = "uniform", stride: int = 1, start: int = 0) -> list[np.ndarray]:
     """Sample k frames (H, W, 3 uint8) of a video file or a folder of images.
 
-    Video files are decoded with PyAV (`pip install av`, optional): it is the only decoder that
-    works next to this CPU torch (torchvision cannot be installed: docs/DESIGN.md, "Platform facts").
+    Video files are decoded with PyAV (`pip install av`, optional); the frame count comes from
+    the header (`video_info`), then only the sampled frames are kept (`read_video_at`).
     """
     if os.path.isdir(path):
         files = list_frame_files(path)
         return [read_image(files[i]) for i in sample_frame_indices(len(files), k, mode, stride, start)]
     if not os.path.exists(path):
         raise FileNotFoundError(f"video not found: {path}")
-    try:
-        import av  # optional extra
-    except ImportError:
-        raise RuntimeError(f"reading {path} needs PyAV: pip install av (or pass a folder of frames)") from None
-    with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"no video frames decoded from {path}")
-    return [frames[i] for i in sample_frame_indices(len(frames), k, mode, stride, start)]
+    total = video_info(path)[0]
+    return read_video_at(path, sample_frame_indices(total, k, mode, stride, start))
 
 
 def read_image(path: str) -> np.ndarray:
@@ -201,12 +315,25 @@ def read_image(path: str) -> np.ndarray:
 
 
 # =====================================================================================
-# Records
+# The record check: one structural and value check shared by every script
 # =====================================================================================
+# Every record a script reads passes `check_record` (cheap: no file is opened) and, through
+# `load_records_checked`, `check_record_files` (images, videos, geometry). A problem is one line
+# naming the file and line ("file:7", or "file[6]" in a JSON array) and what is wrong, never a
+# traceback from deep inside: a malformed box found at load time costs a second, the same box
+# found inside a reward at step 3,000 costs the run.
 
 
 class RecordError(ValueError):
-    """A malformed data record; the message names the file and line."""
+    """A malformed data record; the message names the file and line (or file[index])."""
+
+
+class MissingDependency(RecordError):
+    """An optional package (PyAV for video files, pyarrow for parquet) is needed and absent.
+
+    A RecordError, so that every script's `except RecordError` prints its one line; `skip_bad`
+    never skips it: it is not the record's fault, and would skip every record of the file.
+    """
 
 
 REQUIRED_KEYS = {
@@ -214,73 +341,718 @@ REQUIRED_KEYS = {
     "grounding": ("images", "conversations", "gt_bbox", "gt_frame", "cam2global", "axis_align_matrix"),
     "spatial": ("images", "conversations", "question_type", "answer"),
 }
+BOX_FIELDS = "[x, y, z, dx, dy, dz, yaw, roll, pitch]"
 
 
-def check_record(record: Any, where: str) -> dict:
-    """Validate one record's structure; raise RecordError with `where` (file:line) on a problem."""
-    if not isinstance(record, dict):
-        raise RecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    task = record.get("task")
-    if task not in TASKS:
-        raise RecordError(f"{where}: 'task' must be one of {TASKS}, got {task!r}")
-    missing = [key for key in REQUIRED_KEYS[task] if key not in record]
-    if missing:
-        raise RecordError(f"{where}: {task} record lacks key(s) {missing}")
+def _kind(value: Any) -> str:
+    """How a wrong value reads in a message: "null", "a string", "dict", ..."""
+    if value is None:
+        return "null"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number (True and False are ints to Python, not numbers to a box)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_box(value: Any, what: str, where: str) -> None:
+    """A 9-number box: finite numbers, positive sizes; else RecordError naming `where` and `what`.
+
+    >>> check_box([1, 0, 2, .5, .8, .5, 0, 0, 0], "gt_bbox", "f.jsonl:3")           # fine
+    >>> check_box([1, 0, 2, .5, .8, .5, 0, 0], "gt_bbox", "f.jsonl:3")
+    Traceback (most recent call last):
+    RecordError: f.jsonl:3: gt_bbox has 8 numbers, need 9 [x, y, z, dx, dy, dz, yaw, roll, pitch]
+    """
+    if not isinstance(value, (list, tuple)):
+        raise RecordError(f"{where}: {what} must be a list of 9 numbers {BOX_FIELDS}, got {_kind(value)}")
+    # The usual case in one pass (ScanNet train holds ~1.7 M boxes); the loops below name a fault.
+    if (len(value) == 9 and all(type(v) is float or type(v) is int for v in value)
+            and all(map(math.isfinite, value)) and min(value[3:6]) > 0):
+        return
+    if len(value) != 9:
+        raise RecordError(f"{where}: {what} has {len(value)} numbers, need 9 {BOX_FIELDS}")
+    for i, v in enumerate(value):
+        if not _is_number(v):
+            raise RecordError(f"{where}: {what}[{i}] is {v!r}, not a number")
+        if not math.isfinite(v):
+            raise RecordError(f"{where}: {what}[{i}] is {v} (not finite)")
+    # A box of size <= 0 has no volume: its IoU with anything is 0/0.
+    for i in range(3, 6):
+        if value[i] <= 0:
+            raise RecordError(f"{where}: {what}[{i}] (a size) is {value[i]}; sizes must be > 0")
+
+
+def check_boxes(boxes: Any, where: str) -> None:
+    """Detection ground truth: a list (maybe empty) of {"label": str, "bbox_3d": 9 numbers}.
+
+    An integer label is an error, not category "7": labels are matched as strings.
+    """
+    if not isinstance(boxes, list):
+        raise RecordError(f"{where}: 'boxes' must be a list of {{label, bbox_3d}}, got {_kind(boxes)}")
+    for i, box in enumerate(boxes):
+        if not isinstance(box, dict):
+            raise RecordError(f"{where}: boxes[{i}] must be an object {{label, bbox_3d}}, got {_kind(box)}")
+        label = box.get("label")
+        if not isinstance(label, str) or not label:
+            raise RecordError(f"{where}: boxes[{i}].label is {label!r} ({_kind(label)}); "
+                              "it must be a category name (a non-empty string)")
+        check_box(box.get("bbox_3d"), f"boxes[{i}].bbox_3d", where)
+
+
+def check_matrix(value: Any, what: str, where: str) -> None:
+    """A 4x4 matrix of finite numbers (a pose or the axis alignment)."""
+    try:
+        matrix = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RecordError(f"{where}: {what} must be a 4x4 matrix of numbers") from None
+    if matrix.shape != (4, 4):
+        raise RecordError(f"{where}: {what} must be a 4x4 matrix, got shape {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise RecordError(f"{where}: {what} holds non-finite values")
+
+
+def record_num_frames(record: dict) -> int:
+    """How many frames a record shows: its images, or the sampled frames of its video."""
+    if record.get("video") is not None:
+        return len(record["frame_indices"])
+    return len(record["images"])
+
+
+def _check_frames(record: dict, where: str) -> int:
+    """`images` (a non-empty list of paths) or `video` + `frame_indices`; returns the frame count."""
+    if record.get("video") is not None:
+        indices = record.get("frame_indices")
+        if not isinstance(record["video"], str):
+            raise RecordError(f"{where}: 'video' must be a path, got {_kind(record['video'])}")
+        if (not isinstance(indices, list) or not indices
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
+            raise RecordError(f"{where}: a video record needs 'frame_indices', a non-empty list of frame numbers")
+        return len(indices)
     images = record["images"]
     if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
         raise RecordError(f"{where}: 'images' must be a non-empty list of paths")
+    return len(images)
+
+
+def _check_conversations(record: dict, where: str, num_frames: int) -> None:
+    """A human and a gpt turn with string values; one <image> in the human turn per frame."""
     turns = record["conversations"]
     if (not isinstance(turns, list) or len(turns) < 2
             or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2])):
         raise RecordError(f"{where}: 'conversations' must hold a human and a gpt turn with string 'value'")
     n_placeholders = turns[0]["value"].count(IMAGE_PLACEHOLDER)
-    if n_placeholders != len(images):
-        raise RecordError(f"{where}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
-    if task == "grounding" and len(record["cam2global"]) != len(images):
-        raise RecordError(f"{where}: 'cam2global' needs one 4x4 pose per image")
+    if n_placeholders != num_frames:
+        raise RecordError(f"{where}: {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {num_frames} images")
+
+
+def _check_grounding(record: dict, where: str, num_frames: int) -> None:
+    """gt_bbox a box; gt_frame a sampled frame or null (ScanRefer val has none); one pose per frame."""
+    check_box(record["gt_bbox"], "gt_bbox", where)
+    frame = record["gt_frame"]
+    if frame is not None and (not isinstance(frame, int) or isinstance(frame, bool)
+                              or not 0 <= frame < num_frames):
+        raise RecordError(f"{where}: gt_frame is {frame!r}; it must be a frame index 0..{num_frames - 1} or null")
+    poses = record["cam2global"]
+    if not isinstance(poses, list) or len(poses) != num_frames:
+        raise RecordError(f"{where}: 'cam2global' needs one 4x4 pose per image ({num_frames})")
+    for i, pose in enumerate(poses):
+        check_matrix(pose, f"cam2global[{i}]", where)
+    check_matrix(record["axis_align_matrix"], "axis_align_matrix", where)
+
+
+def _check_spatial(record: dict, where: str, num_frames: int) -> None:
+    """question_type and answer strings; options null or a list of strings ("A. sofa")."""
+    if not isinstance(record["question_type"], str):
+        raise RecordError(f"{where}: question_type must be a string, got {_kind(record['question_type'])}")
+    if not isinstance(record["answer"], str):
+        raise RecordError(f"{where}: answer must be a string, got {_kind(record['answer'])}")
+    options = record.get("options")
+    if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
+        raise RecordError(f"{where}: options must be null or a list of strings, got {_kind(options)}")
+
+
+TASK_CHECKS: dict[str, Callable[[dict, str, int], None]] = {
+    "detection": lambda record, where, n: check_boxes(record["boxes"], where),
+    "grounding": _check_grounding,
+    "spatial": _check_spatial,
+}
+
+
+def check_record(record: Any, where: str) -> dict:
+    """Validate one record's structure and ground truth; RecordError naming `where` (file:line).
+
+    No file is opened here (`check_record_files` does that), so it costs microseconds.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {_kind(record)}")
+    task = record.get("task")
+    if task not in TASKS:
+        raise RecordError(f"{where}: 'task' must be one of {TASKS}, got {task!r}")
+    # A video record names its frames by `video` + `frame_indices` instead of `images`.
+    video = record.get("video") is not None
+    missing = [key for key in REQUIRED_KEYS[task] if key not in record and not (key == "images" and video)]
+    if missing:
+        raise RecordError(f"{where}: {task} record lacks key(s) {missing}")
+    num_frames = _check_frames(record, where)
+    _check_conversations(record, where, num_frames)
+    TASK_CHECKS[task](record, where, num_frames)
+    if record.get("geometry") is not None and not isinstance(record["geometry"], str):
+        raise RecordError(f"{where}: 'geometry' must be a path, got {_kind(record['geometry'])}")
     return record
 
 
-def load_records(path: str, task: str | None = None, limit: int | None = None) -> list[dict]:
-    """Read a JSON-lines file of records; image/geometry paths become absolute.
+# =====================================================================================
+# Published formats -> the project's records
+# =====================================================================================
+# The field names are those of the upstream files (docs/DESIGN.md, "Records and prompts"):
+#   VG LLM detection (scannet_det_{train,val}_4frames.json, an indented JSON array): images
+#     (relative to the media root, e.g. "scannet/posed_images/scene0415_00/00810.jpg"),
+#     conversations, boxes [{label, bbox_3d}] in the first camera; val adds cam2img, cam2global,
+#     axis_align_matrix.
+#   VG LLM ScanRefer (scanrefer_{train,val}_32frames.json): images, conversations, prompt,
+#     gt_bbox (axis-aligned scene frame), target ({frame, bbox_3d} in train, null in val),
+#     metadata {dataset, question_type, ann_id, object_id}; val adds the camera matrices.
+#   VSI-Bench rows: id, dataset, scene_name, question_type, question, options, ground_truth;
+#     the video is <media_root>/<dataset>/<scene_name>.mp4.
+# Other keys pass through untouched. The answer a published record teaches is rebuilt from its
+# ground truth in the project's answer format (compact JSON, 2 decimals) and the published text
+# kept as `source_answer`; the human turn is kept as VG LLM's own loader reads it.
 
-    `path` is a .jsonl file, or a split folder together with `task` (reads `<folder>/<task>.jsonl`).
-    Each record gains `_root`, the folder its relative paths start from.
+VSI_KEYS = ("dataset", "scene_name", "question_type", "question", "ground_truth")
+# VSI-Bench's evaluation shows 32 frames to its open models of this kind (thinking-in-space's
+# evaluate_all_in_one.sh: num_frames=32; VG LLM's scripts/evaluation/eval.sh: max_num_frames=32).
+VSI_NUM_FRAMES = 32
+KIND_TASK = {"vsibench": "spatial", "scanrefer": "grounding", "vgllm_detection": "detection"}
+
+
+def record_kind(row: dict) -> str:
+    """Which format a row is in: "vsibench", "scanrefer", "vgllm_detection" or "project".
+
+    Recognised by keys: VSI-Bench rows by theirs; a row with "task" is the project's own; else
+    `gt_bbox` without `gt_frame` means a VG LLM ScanRefer record and `boxes` a VG LLM detection
+    record.
+
+    >>> record_kind({"dataset": "scannet", "scene_name": "scene0011_00", "question": "How many chairs?",
+    ...              "question_type": "object_counting", "ground_truth": "2", "options": None})
+    'vsibench'
     """
+    if all(key in row for key in VSI_KEYS):
+        return "vsibench"
+    if "task" in row:
+        return "project"
+    if "gt_bbox" in row and "gt_frame" not in row:
+        return "scanrefer"  # VG LLM keeps ScanRefer's frame in `target`; the project in `gt_frame`
+    return "vgllm_detection" if "boxes" in row else "project"
+
+
+def _human_turn(record: dict) -> str | None:
+    """The human turn's text of a row, or None if the row has none (check_record reports it)."""
+    turns = record.get("conversations")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
+        return turns[0]["value"]
+    return None
+
+
+def _published_turns(record: dict, answer: str) -> Any:
+    """A published record's conversations: the human turn as VG LLM's loader reads it, our answer.
+
+    VG LLM's training loader (src/qwen_vl/data/data_qwen.py) replaces "<image>\\n" by "<image>",
+    so its checkpoints saw the frames directly followed by the text; the same is done here.
+    """
+    human = _human_turn(record)
+    if human is None:
+        return record.get("conversations")  # malformed: left for check_record to name
+    turns = record["conversations"]
+    if len(turns) > 1 and isinstance(turns[1], dict) and "value" in turns[1]:
+        record["source_answer"] = turns[1]["value"]
+    human = human.replace(IMAGE_PLACEHOLDER + "\n", IMAGE_PLACEHOLDER)
+    return [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
+
+
+def _from_vgllm_detection(record: dict, where: str) -> dict:
+    """VG LLM detection row -> detection record (answer rebuilt from `boxes`)."""
+    check_boxes(record["boxes"], where)  # the answer is built from them: check them first
+    record["conversations"] = _published_turns(record, detection_answer(record["boxes"]))
+    return record
+
+
+def _description(text: str | None) -> str | None:
+    """The referring expression in a ScanRefer prompt ("...Text: {desc}\\nOutput a JSON ...")."""
+    match = re.search(r"Text: (.*?)\s*Output a JSON", text or "", re.S)
+    return match.group(1) if match else None
+
+
+def _from_scanrefer(record: dict, where: str) -> dict:
+    """VG LLM ScanRefer row -> grounding record; no `target` (val) -> gt_frame None, answer "".
+
+    A frame-less record still scores its box (the IoU needs only the predicted frame's pose);
+    its frame accuracy is not applicable.
+    """
+    target = record.get("target")
+    if target is None:
+        gt_frame, answer = None, ""
+    elif isinstance(target, dict) and "frame" in target and "bbox_3d" in target:
+        gt_frame = target["frame"]
+        if not isinstance(gt_frame, int) or isinstance(gt_frame, bool):
+            raise RecordError(f"{where}: target.frame is {gt_frame!r}, not a frame index")
+        check_box(target["bbox_3d"], "target.bbox_3d", where)
+        answer = grounding_answer(gt_frame, target["bbox_3d"])
+    else:
+        raise RecordError(f"{where}: 'target' must be null or {{\"frame\", \"bbox_3d\"}}, got {_kind(target)}")
+    record["gt_frame"] = gt_frame
+    missing = [key for key in ("cam2global", "axis_align_matrix") if key not in record]
+    if missing:
+        # The IoU maps the predicted box to the scene through them. VG LLM's preprocessing
+        # writes them for val, and for train only with --include_cam_params.
+        raise RecordError(f"{where}: ScanRefer record lacks {missing} (needed to score the box; "
+                          "VG LLM writes them for val, for train with --include_cam_params)")
+    prompt, images = record.get("prompt"), record.get("images")
+    if "conversations" not in record and isinstance(prompt, str) and isinstance(images, list):
+        # VG LLM's evaluation builds the human turn from `prompt` with "Frame-i: " before each frame.
+        frames = "".join(f"Frame-{i}: {IMAGE_PLACEHOLDER}" for i in range(len(images)))
+        record["conversations"] = [{"from": "human", "value": frames + "\n" + prompt},
+                                   {"from": "gpt", "value": ""}]
+    record["conversations"] = _published_turns(record, answer)
+    record.setdefault("description", _description(prompt if isinstance(prompt, str) else _human_turn(record)))
+    return record
+
+
+def _vsi_options(record: dict, where: str) -> list[str] | None:
+    """A VSI-Bench row's options: a list of strings for MC types, None for numeric ones."""
+    qtype, options = record["question_type"], record.get("options")
+    if qtype in NUMERIC_QUESTION_TYPES:
+        return None  # VSI-Bench's numeric rows have options null; its prompt ignores them
+    if qtype not in MC_QUESTION_TYPES:
+        raise RecordError(f"{where}: unknown VSI-Bench question_type {qtype!r}")
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+        raise RecordError(f"{where}: {qtype} is multiple choice; 'options' must be a list of strings, got {_kind(options)}")
+    return options
+
+
+def _from_vsibench(record: dict, where: str, root: str, num_frames: int | None) -> dict:
+    """VSI-Bench row -> spatial video record: k frames by linspace, the VSI-Bench prompt.
+
+    The video is `<root>/<dataset>/<scene_name>.mp4`; its header gives the frame count
+    (`video_info`). A video shorter than k frames shows all of them (as VG LLM's evaluation does).
+    Example: a 12-frame video, num_frames=8 -> frame_indices [0, 2, 3, 5, 6, 8, 9, 11].
+    """
+    for key in ("dataset", "scene_name", "question"):
+        if not isinstance(record[key], str):
+            raise RecordError(f"{where}: {key} must be a string, got {_kind(record[key])}")
+    truth = record["ground_truth"]
+    if not isinstance(truth, str) and not _is_number(truth):
+        raise RecordError(f"{where}: ground_truth must be a string or a number, got {_kind(truth)}")
+    options = _vsi_options(record, where)
+    video = os.path.join(root, record["dataset"], record["scene_name"] + ".mp4")
+    total = _at(where, video_info, video)[0]
+    k = VSI_NUM_FRAMES if num_frames is None else num_frames
+    indices = sample_frame_indices(total, min(k, total))
+    prompt = spatial_prompt(len(indices), record["question"], options)
+    record.update(video=video, frame_indices=indices, answer=str(truth), options=options or [],
+                  conversations=[{"from": "human", "value": prompt}, {"from": "gpt", "value": str(truth)}])
+    return record
+
+
+def normalise(row: Any, where: str, root: str, task: str | None = None, num_frames: int | None = None,
+              default_id: str | None = None) -> dict:
+    """Any supported row -> a record in the project's format (not yet checked: see check_record).
+
+    `task` is the task the file is read as (argument or file name), `root` the folder relative
+    paths start from. Example: a VG LLM detection row {"images": [...4], "conversations": [...],
+    "boxes": [...]} -> the same with task "detection", the project's answer text, `source_answer`.
+    """
+    if not isinstance(row, dict):
+        raise RecordError(f"{where}: a record must be a JSON object, got {_kind(row)}")
+    kind = record_kind(row)
+    record = dict(row)  # a copy: the caller's row stays as read
+    own = record.get("task") if kind == "project" else KIND_TASK[kind]
+    if own in TASKS and task is not None and own != task:
+        raise RecordError(f"{where}: a {own} record in a file read as {task}")
+    record["task"] = own if own is not None else task  # VG LLM's own rows carry no "task" key
+    if kind == "vgllm_detection":
+        record = _from_vgllm_detection(record, where)
+    elif kind == "scanrefer":
+        record = _from_scanrefer(record, where)
+    elif kind == "vsibench":
+        record = _from_vsibench(record, where, root, num_frames)
+    if default_id is not None:
+        record.setdefault("id", default_id)
+    if "id" in record:
+        record["id"] = str(record["id"])  # VSI-Bench ids are integers; the project's are strings
+    return record
+
+
+# =====================================================================================
+# Reading record files: <split>/<task>.jsonl, JSON lines, a JSON array, parquet
+# =====================================================================================
+
+
+def _record_file(path: str, task: str | None) -> str:
+    """The file to read: `path` itself, or `<path>/<task>.jsonl` for a split folder."""
     if os.path.isdir(path):
         if task is None:
             raise ValueError(f"{path} is a folder: name the task ({', '.join(TASKS)})")
         path = os.path.join(path, f"{task}.jsonl")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"records not found: {path} (generate the toy data with: python scenes.py)")
-    stem = os.path.splitext(os.path.basename(path))[0]
-    task = task if task is not None else (stem if stem in TASKS else None)
-    root = os.path.dirname(os.path.abspath(path))
-    records = []
-    with open(path) as f:
+    return path
+
+
+def _first_char(path: str) -> str:
+    """The first non-blank character of a text file ("[" for a JSON array), "" if none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    return line.strip()[0]
+    except UnicodeDecodeError:
+        raise RecordError(f"{path}: not a text file of JSON records (nor a .parquet)") from None
+    return ""
+
+
+def _parquet_rows(path: str) -> list[dict]:
+    """The rows of a parquet file (VSI-Bench's test-00000-of-00001.parquet) with pyarrow, if installed."""
+    try:
+        import pyarrow.parquet as pq  # not a dependency of this project: only parquet needs it
+    except ImportError:
+        raise MissingDependency(
+            f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it once where "
+            "pandas and pyarrow are installed: python -c \"import pandas as pd; "
+            f"pd.read_parquet('{path}').to_json('{os.path.splitext(path)[0]}.jsonl', orient='records', lines=True)\""
+        ) from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError, ...) all mean "unreadable"
+        raise RecordError(f"{path}: not a readable parquet file ({_one_line(e)})") from None
+
+
+def iter_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every record of a file; a row that is not JSON comes as a RecordError.
+
+    `where` is "file:line" for JSON lines and "file[index]" for a JSON array or parquet, which is
+    how every message names a record. Example: an indented JSON array of two records ->
+    ("f.json[0]", {...}), ("f.json[1]", {...}).
+    """
+    if path.endswith(".parquet"):
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(_parquet_rows(path)))
+        return
+    if _first_char(path) == "[":
+        with open(path, encoding="utf-8") as f:
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+        return
+    # errors="replace": a line with bad bytes fails as JSON (one line), not as a UnicodeDecodeError.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-            if task is not None and isinstance(record, dict):
-                record.setdefault("task", task)  # real VG LLM records carry no "task" key
-            record = check_record(record, where)
-            record["_root"] = root
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
-    if not records:
-        raise RecordError(f"{path}: no records")
-    return records
+                # One broken line is one bad record (skippable), not a broken file.
+                yield where, RecordError(f"{where}: not valid JSON ({e.msg})")
 
 
 def resolve(record: dict, relative: str) -> str:
-    """A path of a record, relative to its jsonl file's folder (absolute paths stay as they are)."""
+    """A path of a record, relative to its root (absolute paths stay as they are).
+
+    The root is the media root when one is given, else the record file's folder.
+    """
     return relative if os.path.isabs(relative) else os.path.join(record.get("_root", "."), relative)
+
+
+def _absolute_paths(record: dict) -> None:
+    """Make the record's image, video and geometry paths absolute (they start at `_root`)."""
+    if isinstance(record.get("images"), list):
+        record["images"] = [resolve(record, p) for p in record["images"]]
+    for key in ("video", "geometry"):
+        if isinstance(record.get(key), str) and record[key]:
+            record[key] = resolve(record, record[key])
+
+
+def read_record(row: Any, where: str, root: str, task: str | None = None, num_frames: int | None = None,
+                default_id: str | None = None, check_files: bool = True, min_side: int | None = None) -> dict:
+    """One row -> one checked record (normalise, check_record, absolute paths, file checks)."""
+    if isinstance(row, RecordError):
+        raise row  # a line that was not JSON
+    record = check_record(normalise(row, where, root, task, num_frames, default_id), where)
+    record["_root"], record["_where"] = root, where  # where later checks (check_lengths) name it
+    _absolute_paths(record)
+    if check_files:
+        check_record_files(record, where, MIN_IMAGE_SIDE if min_side is None else min_side)
+    return record
+
+
+def load_records_checked(path: str, task: str | None = None, limit: int | None = None, *,
+                         media_root: str | None = None, num_frames: int | None = None,
+                         skip_bad: bool = False, check_files: bool = True,
+                         min_side: int | None = None) -> tuple[list[dict], list[str]]:
+    """Read, normalise and check the records of one file: (records, skipped messages).
+
+    `path`: a split folder with `task` (reads `<folder>/<task>.jsonl`), a .jsonl file, a .json
+    array, or a .parquet file (needs pyarrow); VG LLM and VSI-Bench rows are recognised by their
+    keys. `media_root`: where relative image / video / geometry paths start (default: the file's
+    folder). `num_frames`: frames sampled from each video (VSI-Bench rows; default 32).
+    `check_files`: open every image header, video header and geometry file (cached by path).
+    With `skip_bad`, a bad record is left out and its one-line message returned; otherwise the
+    first one raises (RecordError, or FileNotFoundError for a missing file). `limit` counts the
+    records kept. Example, in a script:
+
+        records, skipped = load_records_checked("data/val", "detection", skip_bad=True)
+        if skipped: print(f"skipped {len(skipped)} bad records, the first: {skipped[0]}")
+    """
+    file = _record_file(path, task)
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if media_root is not None and not os.path.isdir(media_root):
+        raise FileNotFoundError(f"media root not found: {media_root}")
+    stem = os.path.splitext(os.path.basename(file))[0]
+    task = task if task is not None else (stem if stem in TASKS else None)
+    root = os.path.abspath(media_root if media_root is not None else os.path.dirname(os.path.abspath(file)))
+    records, skipped = [], []
+    for index, (where, row) in enumerate(iter_rows(file)):
+        try:
+            record = read_record(row, where, root, task, num_frames, f"{stem}-{index}", check_files, min_side)
+        except MissingDependency:
+            raise  # every record would fail the same way: not a record's fault
+        except (RecordError, FileNotFoundError) as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            continue
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        first = f" ({len(skipped)} bad; the first: {skipped[0]})" if skipped else ""
+        raise RecordError(f"{file}: no records{first}")
+    return records, skipped
+
+
+class RecordList(list):
+    """A list of records that also says which were skipped (`.skipped`, one message each)."""
+
+    skipped: list[str] = []
+
+
+def load_records(path: str, task: str | None = None, limit: int | None = None,
+                 media_root: str | None = None, skip_bad: bool = False, num_frames: int | None = None,
+                 check_files: bool = False, min_side: int | None = None) -> RecordList:
+    """`load_records_checked` as a list (the skipped messages in `.skipped`); paths become absolute.
+
+    Files are not opened by default (`check_files=False`): the structure and ground truth of
+    every record are still checked. Scripts call `load_records_checked`, which opens them.
+    Each record gains `_root` (where its relative paths started) and `_where` ("file:line").
+    """
+    records, skipped = load_records_checked(path, task, limit, media_root=media_root, num_frames=num_frames,
+                                            skip_bad=skip_bad, check_files=check_files, min_side=min_side)
+    out = RecordList(records)
+    out.skipped = skipped
+    return out
+
+
+# =====================================================================================
+# File checks: images, videos and geometry, opened once per path
+# =====================================================================================
+# Only headers are read (an image's size, a video's frame count), plus PIL's integrity check
+# and a finiteness pass over each geometry file through a memory map, so checking thousands of
+# records costs seconds. Results, bad ones included, are cached by (path, mtime, size): ScanNet
+# frames and VSI-Bench videos are shared by many records.
+
+# The smallest side Qwen2.5-VL's own preprocessing accepts: patch 14 x merge 2 (qwen_vl_utils'
+# smart_resize refuses a side below this factor; fit_image_size, like transformers', would
+# silently blow a 3 x 3 image up to 28 x 28, a frame of nothing).
+MIN_IMAGE_SIDE = 28
+MAX_ASPECT_RATIO = 200  # smart_resize's other limit: a longer side over 200x the shorter one
+
+_IMAGE_HW: dict[tuple, tuple[int, int] | str] = {}
+_GEOMETRY: dict[tuple, tuple[int, ...] | str] = {}
+
+
+def _read_image_header(path: str) -> tuple[int, int] | str:
+    """(height, width) of an image after PIL's integrity check, or what is wrong with it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # verify() walks a PNG's chunks checking their CRCs without decompressing pixels.
+            image.verify()
+    except Exception as e:  # PIL raises many classes (UnidentifiedImageError, SyntaxError, OSError, ...)
+        return f"image {path} is not a readable image ({_one_line(e)})"
+    return height, width
+
+
+def image_hw(path: str) -> tuple[int, int]:
+    """(height, width) of an image file, checked and read from its header; cached.
+
+    Example: a 112 x 112 PNG -> (112, 112); a text file named .png -> RecordError.
+    """
+    info = _stat(path, "image")
+    key = (path, info.st_mtime_ns, info.st_size)
+    if key not in _IMAGE_HW:
+        _IMAGE_HW[key] = _read_image_header(path)
+    result = _IMAGE_HW[key]
+    if isinstance(result, str):
+        raise RecordError(result)
+    return result
+
+
+def _read_geometry_shape(path: str) -> tuple[int, ...] | str:
+    """The shape of a (frames, Hp, Wp, C) geometry .npy with finite values, or what is wrong."""
+    try:
+        prior = np.load(path, mmap_mode="r")  # a memory map: only the header is read here
+    except Exception as e:  # not an .npy, pickled objects, truncated: all unreadable
+        return f"geometry {path} is not a readable .npy ({_one_line(e)})"
+    if prior.ndim != 4:
+        return f"geometry {path} has shape {tuple(prior.shape)}; it must be (frames, Hp, Wp, C)"
+    if not np.issubdtype(prior.dtype, np.number):
+        return f"geometry {path} has dtype {prior.dtype}, not numbers"
+    # One frame at a time, so a large prior never sits in memory whole.
+    if not all(np.isfinite(frame).all() for frame in prior):
+        return f"geometry {path} holds non-finite values (NaN or Inf)"
+    return tuple(prior.shape)
+
+
+def geometry_shape(path: str) -> tuple[int, ...]:
+    """The checked shape (frames, Hp, Wp, C) of a geometry file; cached. RecordError if bad."""
+    info = _stat(path, "geometry")
+    key = (path, info.st_mtime_ns, info.st_size)
+    if key not in _GEOMETRY:
+        _GEOMETRY[key] = _read_geometry_shape(path)
+    result = _GEOMETRY[key]
+    if isinstance(result, str):
+        raise RecordError(result)
+    return result
+
+
+def _at(where: str, read: Callable, *args):
+    """read(*args), with a file problem's one-line message prefixed by the record's place."""
+    try:
+        return read(*args)
+    except MissingDependency:
+        raise  # not about this record: the message stands as it is
+    except RecordError as e:
+        raise RecordError(f"{where}: {e}") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{where}: {e}") from None
+
+
+def _check_side(height: int, width: int, what: str, where: str, min_side: int) -> None:
+    """Each side >= min_side and the aspect ratio within Qwen2.5-VL's limit."""
+    if min(height, width) < min_side:
+        raise RecordError(f"{where}: {what} is {width} x {height} pixels; each side must be >= {min_side} "
+                          "(Qwen2.5-VL's patch 14 x merge 2)")
+    if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+        raise RecordError(f"{where}: {what} is {width} x {height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}")
+
+
+def check_record_files(record: dict, where: str, min_side: int = MIN_IMAGE_SIDE) -> None:
+    """Every file a (checked, absolute-path) record names exists and is usable; else one line.
+
+    Images: a file, readable by PIL, each side >= min_side. A video: readable by PyAV, with the
+    sampled frames inside it. Geometry: a finite (frames, Hp, Wp, C) array, one frame per image.
+    """
+    num_frames = record_num_frames(record)
+    if record.get("video") is not None:
+        total, height, width = _at(where, video_info, record["video"])
+        _check_side(height, width, f"video {record['video']}", where, min_side)
+        if max(record["frame_indices"]) >= total:
+            raise RecordError(f"{where}: frame {max(record['frame_indices'])} asked of a {total}-frame video")
+    for path in record.get("images") or []:
+        if not os.path.lexists(path):
+            raise FileNotFoundError(f"{where}: image not found: {path} "
+                                    f"(relative paths start at {record.get('_root')}: set the media root)")
+        height, width = _at(where, image_hw, path)
+        _check_side(height, width, f"image {path}", where, min_side)
+    if record.get("geometry"):
+        shape = _at(where, geometry_shape, record["geometry"])
+        if shape[0] != num_frames:
+            raise RecordError(f"{where}: geometry {record['geometry']} has {shape[0]} frames for {num_frames} images")
+
+
+# =====================================================================================
+# Sequence lengths: does a record fit the model's context?
+# =====================================================================================
+
+
+def visual_tokens(height: int, width: int, image_cfg) -> int:
+    """LLM tokens of one frame: Qwen2.5-VL's resize, then one token per merge x merge patches.
+
+    >>> visual_tokens(112, 112, model.ImageConfig())   # patch 14, merge 2: 8 x 8 patches
+    16
+    """
+    p, m = image_cfg.patch_size, image_cfg.merge_size
+    h, w = fit_image_size(height, width, p * m, image_cfg.min_pixels, image_cfg.max_pixels)
+    return (h // p) * (w // p) // (m * m)
+
+
+def frame_sizes(record: dict) -> list[tuple[int, int]]:
+    """(height, width) of each frame of a record, from file headers (cached; nothing decoded)."""
+    if record.get("video") is not None:
+        _, height, width = video_info(resolve(record, record["video"]))
+        return [(height, width)] * record_num_frames(record)
+    return [image_hw(resolve(record, p)) for p in record["images"]]
+
+
+def sequence_length(record: dict, tokenizer, image_cfg, completion_tokens: int | None = None) -> int:
+    """Tokens of the record's batch row: prompt with its visual tokens, plus the answer.
+
+    The answer is the SFT target (`target_text`), or `completion_tokens` new tokens (GRPO, eval).
+    The image pads are special tokens, one token each that split the text around them, so the
+    prompt is tokenised with none and the visual tokens added: the count equals `collate`'s.
+    """
+    tokens = [visual_tokens(h, w, image_cfg) for h, w in frame_sizes(record)]
+    prompt = prompt_text(record["conversations"][0]["value"], [0] * len(tokens))
+    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + sum(tokens)
+    if completion_tokens is None:
+        return length + len(tokenizer(target_text(record), add_special_tokens=False)["input_ids"])
+    return length + completion_tokens
+
+
+def _check_geometry_grid(record: dict, image_cfg) -> None:
+    """A geometry prior's (Hp, Wp) must be the patch grid each frame is resized to."""
+    shape = geometry_shape(resolve(record, record["geometry"]))
+    p, m = image_cfg.patch_size, image_cfg.merge_size
+    for h, w in frame_sizes(record):
+        grid = tuple(s // p for s in fit_image_size(h, w, p * m, image_cfg.min_pixels, image_cfg.max_pixels))
+        if tuple(shape[1:3]) != grid:
+            raise RecordError(f"geometry grid {tuple(shape[1:3])} does not match the image patch grid {grid}")
+
+
+def check_lengths(records: Sequence[dict], tokenizer, image_cfg, max_seq_len: int,
+                  completion_tokens: int | None = None, skip_bad: bool = False) -> tuple[list[dict], list[str]]:
+    """Records whose batch row fits `max_seq_len` tokens: (kept, messages of the others).
+
+    Call it once the tokenizer is loaded; sizes come from file headers, so nothing is decoded.
+    It also checks each geometry prior against the image patch grid (both need image_cfg).
+    Without `skip_bad` the first record that does not fit raises RecordError naming its file and
+    line. Example: `records, dropped = check_lengths(records, tok, cfg, 4096, skip_bad=True)`.
+    """
+    kept, messages = [], []
+    for record in records:
+        where = record.get("_where", f"record {record.get('id')}")
+        try:
+            length = _at(where, sequence_length, record, tokenizer, image_cfg, completion_tokens)
+            if length > max_seq_len:
+                raise RecordError(f"{where}: {length} tokens (prompt, visual tokens, answer or budget) "
+                                  f"do not fit max_seq_len {max_seq_len}")
+            if record.get("geometry"):
+                _at(where, _check_geometry_grid, record, image_cfg)
+        except MissingDependency:
+            raise
+        except (RecordError, FileNotFoundError) as e:
+            if not skip_bad:
+                raise
+            messages.append(str(e))
+            continue
+        kept.append(record)
+    return kept, messages
 
 
 # =====================================================================================
@@ -376,9 +1148,16 @@ def target_text(record: dict) -> str:
     return wrap_answer(record["conversations"][1]["value"]) + IM_END
 
 
+def record_frames(record: dict) -> list[np.ndarray]:
+    """The frames of a record, (H, W, 3) uint8: its image files, or the sampled frames of its video."""
+    if record.get("video") is not None:
+        return read_video_at(resolve(record, record["video"]), record["frame_indices"])
+    return [read_image(resolve(record, p)) for p in record["images"]]
+
+
 def load_visual_inputs(record: dict, image_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pixel_values, image_grid_thw, geometry rows or None) of one record."""
-    images = [read_image(resolve(record, p)) for p in record["images"]]
+    images = record_frames(record)
     pixel_values, grids = images_to_patches(images, image_cfg)
     geometry = None
     if record.get("geometry"):

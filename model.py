@@ -18,18 +18,30 @@ This file offers:
   that `load_model` reads back.
 - `ImageConfig`: the numbers needed to turn frames into `pixel_values` by hand (transformers'
   Qwen2.5-VL image processor needs torchvision, which cannot be installed next to this torch).
+- Memory for a real model: `load_model(..., dtype=torch.bfloat16)`, `enable_gradient_checkpointing`,
+  `load_reference` (a frozen low-precision copy for the KL term).
+- A hand-written LoRA: `add_lora`, `adapters_disabled` (the base model, i.e. the KL reference, from
+  the same weights), `merge_lora`, `lora_parameters`; `save_model` / `load_model` carry adapters.
+- A broken checkpoint folder (missing or corrupt weights, bad config.json, no tokenizer) is a
+  FileNotFoundError / ValueError of one line naming the file, raised before transformers reads it.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging as hf_logging
@@ -99,16 +111,23 @@ def image_config_from_dir(path: str, config: Qwen2_5_VLConfig) -> ImageConfig:
     )
     processor_file = os.path.join(path, "preprocessor_config.json")
     if os.path.exists(processor_file):
-        with open(processor_file) as f:
-            processor = json.load(f)
+        processor = read_json_object(processor_file)
         size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
         for key, size_key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
             if size.get(size_key):
-                setattr(image_config, key, int(size[size_key]))
+                setattr(image_config, key, size[size_key])
         for key in ("image_mean", "image_std", "min_pixels", "max_pixels"):
             if processor.get(key) is not None:   # an explicit null means "not set", as in transformers
                 value = processor[key]
                 setattr(image_config, key, tuple(value) if isinstance(value, list) else value)
+        # Checked here, not when the first frame is resized (a string budget fails deep in data.py).
+        budget_ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                        for v in (image_config.min_pixels, image_config.max_pixels))
+        stats_ok = all(isinstance(s, tuple) and len(s) == 3 and all(isinstance(x, (int, float)) for x in s)
+                       for s in (image_config.image_mean, image_config.image_std))
+        if not (budget_ok and stats_ok):
+            raise ValueError(f"{processor_file}: min_pixels / max_pixels must be positive integers and "
+                             f"image_mean / image_std lists of 3 numbers")
     return image_config
 
 
@@ -176,6 +195,9 @@ class RFTModel(nn.Module):
             width = lm.config.text_config.hidden_size
             merge = lm.config.vision_config.spatial_merge_size
             self.geometry_merger = geometry_merger(geometry_dim * merge * merge, width, width, zero_init)
+        # False inside `adapters_disabled`: the LoRA branches are skipped and the geometry merger's
+        # frozen starting copy (`reference_merger`, made by `add_lora`) stands in for the trained one.
+        self.adapters_enabled = True
 
     # ---------------- the per-prompt work: frames (+ geometry) -> visual tokens ----------------
 
@@ -200,7 +222,12 @@ class RFTModel(nn.Module):
         if self.geometry_dim > 0:
             if geometry is None:
                 raise ValueError("this model fuses a geometry prior: the batch must carry `geometry`")
-            tokens = tokens + self.geometry_merger(geometry.to(tokens.dtype))
+            # With LoRA the merger trains in full, so the base model (the KL reference) needs the
+            # merger as it was when the adapters were added: `reference_merger`.
+            merger = self.geometry_merger
+            if not self.adapters_enabled and "reference_merger" in self._modules:
+                merger = self.reference_merger
+            tokens = tokens + merger(geometry.to(tokens.dtype))
         merge = self.lm.config.vision_config.spatial_merge_size
         split_sizes = (image_grid_thw.prod(-1) // merge**2).tolist()
         return BaseModelOutputWithPooling(pooler_output=torch.split(tokens, split_sizes))
@@ -388,6 +415,17 @@ Which What Where How Is If Measuring From Answer Frame
 """
 
 
+# The prompt wording the toy vocabulary was trained on, frozen: BPE ids depend on the exact
+# training text, and the toy model's initial weights (so the demo's figures) on the ids. The
+# spatial texts are the project's earlier one-line layout; data.py now uses VSI-Bench's layout
+# (one part per line), which has the same words, so every prompt still encodes the same way.
+TOY_PROMPT_TEXTS = (
+    data.DETECTION_PROMPT, data.GROUNDING_PROMPT, "These are frames of a video. {question}",
+    data.SPATIAL_NUMERIC_SUFFIX, "Options: {options} Answer with the option's letter from the given choices directly.",
+    data.SYSTEM_PROMPT,
+)
+
+
 def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     """A small BPE tokenizer trained offline, in milliseconds, on TOY_CORPUS and the prompt texts.
 
@@ -398,9 +436,7 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-
-    corpus = [TOY_CORPUS, data.DETECTION_PROMPT, data.GROUNDING_PROMPT, data.SPATIAL_PREFIX,
-              data.SPATIAL_NUMERIC_SUFFIX, data.SPATIAL_MC_SUFFIX, data.SYSTEM_PROMPT]
+    corpus = [TOY_CORPUS, *TOY_PROMPT_TEXTS]
     words = sorted(set(re.findall(r"[A-Za-z]+", " ".join(corpus))))
     corpus += ["\n".join(words), " ".join(words)]  # every word with and without a leading space
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -475,6 +511,172 @@ def build_toy_model(size: ToySize | None = None, seed: int = 0) -> tuple[RFTMode
 
 
 # =====================================================================================
+# Checkpoint files: every problem is one line naming the file ("Nothing lost, nothing silent")
+# =====================================================================================
+
+WEIGHTS_FILE = "model.safetensors"  # one file of weights...
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # ...or shards, listed here (the hub's 3B: 2)
+TOKENIZER_FILE = "tokenizer.json"  # the fast tokenizer; the only tokenizer file that is required
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message squeezed onto one line (library messages often span several).
+
+    Example: one_line(ValueError("bad\\n  header")) -> "bad header".
+    """
+    return " ".join(str(error).split())[:400] or type(error).__name__
+
+
+def read_json_object(file: str) -> dict:
+    """The JSON object in `file`; a missing file, bad JSON or a non-object is one line naming it.
+
+    Example: a config.json holding `[1, 2]` -> ValueError("<dir>/config.json: expected a JSON
+    object, got list").
+    """
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} is missing")
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def safetensors_keys(file: str) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone (nothing is read into memory).
+
+    Opening checks the header and that the data covers what the header promises, so a truncated,
+    empty or random-bytes file fails here, as one line naming it, instead of deep in a load.
+    """
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} is missing")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                         f"({one_line(e)})") from None
+
+
+def weight_files(path: str) -> list[str]:
+    """The checkpoint's weight files, each one present and readable, checked against the index.
+
+    A sharded checkpoint (the hub's Qwen2.5-VL-3B: two shards) lists each tensor's shard in
+    model.safetensors.index.json; a small one has a single model.safetensors.
+    """
+    index_file = os.path.join(path, WEIGHTS_INDEX_FILE)
+    if not os.path.exists(index_file):
+        single = os.path.join(path, WEIGHTS_FILE)
+        if not os.path.isfile(single):
+            # pickled weights (pytorch_model.bin) are not read: unpickling can run arbitrary code
+            other = " (pytorch_model*.bin weights are not read)" if any(
+                n.startswith("pytorch_model") for n in os.listdir(path)) else ""
+            raise FileNotFoundError(f"{single} is missing (and there is no {WEIGHTS_INDEX_FILE}): "
+                                    f"no model weights{other}")
+        safetensors_keys(single)
+        return [single]
+    weight_map = read_json_object(index_file).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(v, str) for v in weight_map.values())):
+        raise ValueError(f"{index_file}: 'weight_map' must map tensor names to shard file names")
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        file = os.path.join(path, shard)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} is missing (listed in {WEIGHTS_INDEX_FILE})")
+        # A shard that lacks a tensor the index promises would leave that weight random.
+        absent = sorted({k for k, v in weight_map.items() if v == shard} - set(safetensors_keys(file)))
+        if absent:
+            raise ValueError(f"{file}: lacks {len(absent)} tensor(s) that {WEIGHTS_INDEX_FILE} lists, "
+                             f"e.g. {absent[0]}")
+        files.append(file)
+    return files
+
+
+def describe_key(entry) -> str:
+    """One entry of transformers' loading info: a tensor name, or (name, shape in file, shape wanted).
+
+    Example: ("model.x.weight", (128, 512), (128, 1024)) -> "model.x.weight: [128, 512] in the
+    file, [128, 1024] wanted".
+    """
+    if isinstance(entry, str):
+        return entry
+    return f"{entry[0]}: {list(entry[1])} in the file, {list(entry[2])} wanted"
+
+
+def load_hf_model(path: str, dtype: torch.dtype) -> Qwen2_5_VLForConditionalGeneration:
+    """The Hugging Face model of a folder: every file checked first, every weight accounted for.
+
+    Both layouts load: the hub's (flat config.json, keys `model.*` / `visual.*`, `lm_head`
+    absent when tied) and transformers 5's own (`text_config`, `model.language_model.*`).
+    transformers would give any weight the files lack a fresh random value with only a log
+    line, and drop any tensor the model has no place for (a VG LLM checkpoint's VGGT and merger,
+    say): both are errors here, naming the folder.
+    """
+    config_file = os.path.join(path, "config.json")
+    model_type = read_json_object(config_file).get("model_type")
+    if model_type != "qwen2_5_vl":
+        raise ValueError(f"{config_file}: model_type is {model_type!r}, not 'qwen2_5_vl' "
+                         "(a Qwen2.5-VL checkpoint)")
+    weights = ", ".join(os.path.basename(f) for f in weight_files(path))
+    try:  # transformers 5 checks every field's type (hidden_size "big" or 64.0 is refused)
+        config = Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"{config_file}: {one_line(e)}") from None
+    # transformers logs a multi-line "LOAD REPORT" table for any missing, unexpected or mis-shaped
+    # weight; the same facts come back in `info` and are turned into one line below instead.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        lm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, config=config, local_files_only=True, dtype=dtype, output_loading_info=True,
+            ignore_mismatched_sizes=True)  # reported in `info` (then refused here), not raised
+    except Exception as e:
+        raise ValueError(f"{path}: the weights do not load into the model config.json describes "
+                         f"({one_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = [f"{len(info[kind])} {kind[:-5]} tensor(s), e.g. {describe_key(sorted(info[kind])[0])}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+    if problems:
+        raise ValueError(f"{path}: {weights} and config.json do not match: {'; '.join(problems)}")
+    return lm
+
+
+def load_tokenizer(path: str, vocab_rows: int) -> PreTrainedTokenizerFast:
+    """The checkpoint's fast tokenizer; a missing or broken one is one line naming the file.
+
+    `vocab_rows` is the model's embedding size: a token id past it would fail inside the model.
+    """
+    file = os.path.join(path, TOKENIZER_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file} is missing: the checkpoint has no (fast) tokenizer")
+    if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        read_json_object(os.path.join(path, "tokenizer_config.json"))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: the tokenizer does not load ({one_line(e)})") from None
+    if tokenizer.convert_tokens_to_ids(IM_END) in (None, tokenizer.unk_token_id):
+        raise ValueError(f"{file}: no {IM_END} token: not a Qwen2.5-style chat tokenizer")
+    if len(tokenizer) > vocab_rows:
+        raise ValueError(f"{file}: {len(tokenizer)} tokens but the model has only {vocab_rows} embedding rows")
+    return tokenizer
+
+
+def load_tensors_into(module: nn.Module, file: str) -> None:
+    """Copy a safetensors file into `module`: every tensor, names and shapes must match exactly."""
+    safetensors_keys(file)
+    try:
+        module.load_state_dict(load_file(file))
+    except RuntimeError as e:  # load_state_dict lists missing / unexpected / mis-shaped tensors
+        raise ValueError(f"{file}: does not fit the model ({one_line(e)})") from None
+
+
+# =====================================================================================
 # Loading and saving
 # =====================================================================================
 
@@ -491,7 +693,12 @@ def load_model(
     `geometry` switches the prior: None keeps what the checkpoint has (on for "toy"); False drops
     it; True on a checkpoint without a merger adds a fresh zero-initialised one, whose input size
     `geometry_dim` (features per patch, e.g. 2048 for VGGT) must then be given. `seed` sets the
-    toy model's initial weights. Nothing is ever downloaded (`local_files_only=True`).
+    toy model's initial weights. `dtype` is that of every weight, the geometry merger included
+    (bfloat16 halves a real model's memory); LoRA adapters stay float32. A folder written with LoRA adapters comes
+    back with them (frozen base, trainable adapters; `merge_lora` folds them in). Nothing is
+    ever downloaded (`local_files_only=True`). Every file is checked before use: a problem is a
+    FileNotFoundError or ValueError of one line that names the file.
+    Example: load_model("runs/sft/latest", dtype=torch.bfloat16) -> (RFTModel, tokenizer, ImageConfig).
     """
     hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model of a few MB
     if name_or_dir == "toy":
@@ -500,18 +707,18 @@ def load_model(
             model = RFTModel(model.lm, geometry_dim=0)
         return model.to(dtype), tokenizer, image_config
     if not os.path.isdir(name_or_dir):
-        raise FileNotFoundError(f"model directory not found: {name_or_dir!r} (use 'toy' or a local checkpoint folder)")
+        raise FileNotFoundError(f"model directory not found: {name_or_dir!r} "
+                                "(use 'toy' or a local checkpoint folder)")
     if not os.path.exists(os.path.join(name_or_dir, "config.json")):
         raise FileNotFoundError(f"{name_or_dir!r} has no config.json: not a Hugging Face checkpoint folder")
-    lm = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_dir, local_files_only=True, dtype=dtype)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_dir, local_files_only=True)
+    lm = load_hf_model(name_or_dir, dtype)
+    tokenizer = load_tokenizer(name_or_dir, lm.config.text_config.vocab_size)
     use_chat_eos(lm, tokenizer)
-    extra = {}
     extra_file = os.path.join(name_or_dir, RFT_CONFIG_FILE)
-    if os.path.exists(extra_file):
-        with open(extra_file) as f:
-            extra = json.load(f)
-    saved_dim = int(extra.get("geometry_dim", 0))
+    extra = read_json_object(extra_file) if os.path.exists(extra_file) else {}
+    saved_dim = extra.get("geometry_dim", 0)
+    if isinstance(saved_dim, bool) or not isinstance(saved_dim, int) or saved_dim < 0:
+        raise ValueError(f"{extra_file}: geometry_dim must be a non-negative integer, got {saved_dim!r}")
     if geometry is None or (geometry and saved_dim and geometry_dim in (None, saved_dim)):
         dim = saved_dim
     elif not geometry:
@@ -524,8 +731,9 @@ def load_model(
     if dim > 0 and dim == saved_dim:
         merger_file = os.path.join(name_or_dir, GEOMETRY_FILE)
         if not os.path.exists(merger_file):
-            raise FileNotFoundError(f"{merger_file} is missing although {RFT_CONFIG_FILE} says geometry_dim={saved_dim}")
-        model.geometry_merger.load_state_dict(load_file(merger_file))
+            raise FileNotFoundError(f"{merger_file} is missing although {RFT_CONFIG_FILE} says "
+                                    f"geometry_dim={saved_dim}")
+        load_tensors_into(model.geometry_merger, merger_file)
     # The loaded tensors can be views at arbitrary offsets of the file's buffer; fresh copies are
     # 64-byte aligned like those of a model built in memory, so that the vectorised kernels (and
     # with them the last bits of every result) do not depend on where a tensor sat in the file:
@@ -533,10 +741,19 @@ def load_model(
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
             tensor.data = tensor.data.clone()
+    model = model.to(dtype)
+    if os.path.exists(os.path.join(name_or_dir, ADAPTER_CONFIG_FILE)):
+        # After the cast: adapters stay float32 (LoRALinear). The saved reference merger belongs
+        # to the saved merger; a fresh or dropped merger has none.
+        load_adapters(model, name_or_dir, with_reference=dim > 0 and dim == saved_dim)
     image_config = image_config_from_dir(name_or_dir, lm.config)
     if "image_config" in extra:
-        image_config = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in extra["image_config"].items()})
-    return model.to(dtype), tokenizer, image_config
+        try:
+            image_config = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                          for k, v in extra["image_config"].items()})
+        except (AttributeError, TypeError) as e:
+            raise ValueError(f"{extra_file}: bad image_config ({one_line(e)})") from None
+    return model, tokenizer, image_config
 
 
 def use_chat_eos(lm: Qwen2_5_VLForConditionalGeneration, tokenizer: PreTrainedTokenizerFast) -> None:
@@ -560,14 +777,22 @@ def save_model(model: RFTModel, tokenizer: PreTrainedTokenizerFast, image_config
 
     Hugging Face format (config.json + model.safetensors) for the language/vision model, so the
     folder also opens with plain transformers; the geometry merger in its own safetensors file.
+    Tensors keep the model's dtype (a bf16 model writes bf16 files, config.json says so). With
+    LoRA adapters, model.safetensors holds the *base* weights under their usual names (the
+    folder stays a plain checkpoint of the base model) and the adapters go to
+    adapter_model.safetensors + adapter_config.json, which `load_model` puts back on top.
     """
     os.makedirs(out_dir, exist_ok=True)
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar on every checkpoint
-    model.lm.save_pretrained(out_dir, safe_serialization=True)
+    base = None
+    if has_lora(model):  # leave the adapter tensors out of the Hugging Face weights
+        base = {k: v for k, v in model.lm.state_dict().items() if not k.endswith(LORA_SUFFIXES)}
+    model.lm.save_pretrained(out_dir, safe_serialization=True, state_dict=base)
     tokenizer.save_pretrained(out_dir)
     if model.geometry_dim > 0:
         save_file({k: v.contiguous() for k, v in model.geometry_merger.state_dict().items()},
                   os.path.join(out_dir, GEOMETRY_FILE))
+    save_adapters(model, out_dir)
     with open(os.path.join(out_dir, RFT_CONFIG_FILE), "w") as f:
         json.dump({"geometry_dim": model.geometry_dim, "image_config": asdict(image_config)}, f, indent=1)
 
@@ -593,3 +818,309 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (for logs and the README)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# =====================================================================================
+# Memory: gradient checkpointing and a frozen low-precision reference
+# =====================================================================================
+
+
+def cache_layer_state(cache, index: int) -> dict | None:
+    """The attributes of the KV cache's entry for one layer (its keys and values), before the layer writes.
+
+    Hugging Face's DynamicLayer grows by reassignment (`keys = cat(keys, new)`), so a shallow
+    copy of its attributes is the whole state: the tensors themselves are not copied.
+    """
+    if cache is None or index >= len(cache.layers):
+        return None
+    return dict(vars(cache.layers[index]))
+
+
+def checkpointed_layer_forward(layer: nn.Module, forward, hidden_states: torch.Tensor, *args, **kwargs):
+    """One decoder layer under non-reentrant activation checkpointing, KV cache included.
+
+    Whenever autograd records (train or eval mode alike: a checkpoint loads in eval mode), the
+    layer keeps only its input; the backward pass runs it again to get the activations it needs.
+    A layer that writes the KV cache (the prompt pass of `_score_continuations`) would write a
+    second time on that rerun, so the cache entry is put back as it was before the layer ran at
+    the start of both runs: the rerun then sees the same keys and values and computes the same
+    numbers. Without gradients (sampling, the reference pass, evaluation) the layer runs as usual.
+    """
+    cache = kwargs.get("cache")
+    index = layer.self_attn.layer_idx
+    before = cache_layer_state(cache, index)
+    if not torch.is_grad_enabled() or (cache is not None and before is None):
+        return forward(hidden_states, *args, **kwargs)
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        if before is not None:
+            vars(cache.layers[index]).update(before)  # the cache entry as it was before this layer
+        return forward(h, *args, **kwargs)
+
+    return checkpoint(run, hidden_states, use_reentrant=False)
+
+
+def enable_gradient_checkpointing(net: RFTModel) -> RFTModel:
+    """Recompute each LLM decoder layer's activations in the backward pass instead of storing them.
+
+    Activation memory per layer drops from everything the layer computes (attention, the 11,008-wide
+    MLP of Qwen2.5-VL-3B, ...) to its input, at the cost of one more forward pass per step. Only
+    the LLM's layers: the ViT is frozen (the paper) and keeps no activations for a backward (the
+    toy ViT that toy SFT trains is small).
+    Non-reentrant checkpointing gives gradients to the parameters inside a layer even when the
+    layer's input needs none (LoRA on frozen embeddings, or `inputs_embeds`), so no
+    `enable_input_require_grads` is needed. This is not transformers' `gradient_checkpointing_enable`:
+    that one turns the KV cache off inside checkpointed layers, which GRPO's one-prompt-pass
+    scoring relies on (`checkpointed_layer_forward` keeps it). Gradients are unchanged (bit for bit
+    on the CPU, tested).
+    Returns `net`; calling it twice changes nothing.
+    """
+    for layer in net.lm.model.language_model.layers:
+        if not getattr(layer, "rft_checkpointed", False):
+            # An instance attribute shadows the class's forward: nn.Module.__call__ then runs this.
+            layer.forward = functools.partial(checkpointed_layer_forward, layer, layer.forward)
+            layer.rft_checkpointed = True
+    return net
+
+
+def load_reference(name_or_dir: str, dtype: torch.dtype = torch.bfloat16, geometry: bool | None = None,
+                   geometry_dim: int | None = None, seed: int = 0) -> RFTModel:
+    """GRPO's frozen reference policy: loaded in `dtype`, adapters merged, eval mode, no gradients.
+
+    Full fine-tuning keeps this second model for the KL term (with LoRA, `adapters_disabled`
+    gives the reference from the policy's own weights and nothing is loaded). It only runs
+    forward passes, so bfloat16 halves its memory (2 bytes per weight, ~7.5 GB for the 3B
+    model); its log-probs then differ from a float32 policy's by rounding, so the KL is not
+    exactly 0 at step 0. Example: ref = load_reference("runs/sft/latest").to(device).
+    """
+    net = load_model(name_or_dir, geometry=geometry, geometry_dim=geometry_dim, dtype=dtype, seed=seed)[0]
+    if has_lora(net):
+        merge_lora(net)  # a frozen model gains nothing from separate adapters
+    net.eval().requires_grad_(False)
+    return net
+
+
+# =====================================================================================
+# LoRA, by hand (Hu et al. 2021): a trainable low-rank update beside each frozen linear layer
+# =====================================================================================
+
+# The LLM projections that get adapters: Qwen2's attention and MLP. The ViT's blocks reuse some
+# names (gate_proj, ...) but are never touched: add_lora only walks the LLM's decoder layers.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_SUFFIXES = (".lora_A", ".lora_B")  # state-dict names of the adapter tensors
+ADAPTER_FILE = "adapter_model.safetensors"  # adapters (+ the reference merger), names as in net.lm
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # r, lora_alpha, lora_dropout, target_modules
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable rank-r update: y = W x + b + (alpha / r) * B A dropout(x).
+
+    A (r x in) starts Kaiming-uniform, as nn.Linear's own weights do, and B (out x r) at zero, so
+    B A = 0 and the wrapped layer first computes exactly the base layer. W and b are the base
+    layer's own Parameter objects, not copies: the base weights exist once, with the adapters on,
+    off (`adapters_disabled`) or merged. alpha / r keeps the update's size independent of r.
+    A and B are float32 whatever the base dtype (peft's default too): an AdamW step on bf16
+    weights rounds away any update below ~0.4% of the weight, and the adapters are tiny; the
+    low-rank branch runs in float32 and is cast to the layer's output dtype. Example: q_proj of width 2048 with r = 8 adds 8 * (2048 + 2048) = 32,768 trainable numbers
+    beside its 4.2 M frozen ones.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # shared with the base layer, not copied
+        self.rank, self.alpha, self.scale, self.dropout_p = rank, alpha, alpha / rank, dropout
+        # A is drawn on the CPU from its own generator: the same adapters on any device, and the
+        # global random stream (data order, sampling) is the same with or without LoRA.
+        a = torch.empty(rank, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapters_enabled = True  # False inside `adapters_disabled`: exactly the base layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # the base layer, computed as nn.Linear does
+        if not self.adapters_enabled:
+            return out
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return out + (self.scale * update).to(out.dtype)  # B = 0 adds exact zeros
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}"
+
+
+def has_lora(net: nn.Module) -> bool:
+    """Whether the model carries LoRA adapters."""
+    return any(isinstance(m, LoRALinear) for m in net.modules())
+
+
+def lora_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """What a LoRA run trains, in module order: the adapters and the geometry merger; all else frozen.
+
+    `add_lora` ends with it; a run resumed from a LoRA checkpoint calls it on the loaded model in
+    place of `runtime.trainable_parameters` (which would unfreeze the base). Works on a
+    DDP-wrapped model too. Example: the toy model -> 28 adapter tensors (2 layers x 7 targets x
+    A, B) + 5 geometry merger tensors.
+    """
+    trainable = []
+    for name, p in net.named_parameters():
+        p.requires_grad = name.endswith(LORA_SUFFIXES) or ".geometry_merger." in f".{name}"
+        if p.requires_grad:
+            trainable.append(p)
+    return trainable
+
+
+def add_lora(net: RFTModel, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: tuple[str, ...] = LORA_TARGETS, seed: int = 0) -> list[nn.Parameter]:
+    """Wrap the `targets` linears of the LLM's decoder layers in LoRALinear; return the trainable parameters.
+
+    Every base weight is frozen (embeddings, norms, LM head, ViT). The geometry merger, if present,
+    stays trainable in full: it is small and, added to a checkpoint that has none, starts at zero,
+    where a low-rank update could not grow it. A frozen copy of it as it is now
+    (`net.reference_merger`) stands in for it under `adapters_disabled`, so that the base model
+    seen there is exactly the starting policy. `seed` draws the A matrices. Example:
+    params = add_lora(net, rank=8, alpha=16); torch.optim.AdamW(params, lr=1e-4).
+    """
+    if has_lora(net):
+        raise ValueError("the model already has LoRA adapters: merge_lora(net) first to start new ones")
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and 0 <= dropout < 1 "
+                         f"(got {rank}, {alpha}, {dropout})")
+    generator = torch.Generator().manual_seed(seed)
+    wrapped = set()
+    for layer in net.lm.model.language_model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if name in targets and isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha, dropout, generator))
+                    wrapped.add(name)
+    if set(targets) - wrapped:
+        raise ValueError(f"no linear layer named {sorted(set(targets) - wrapped)} in the LLM's decoder layers "
+                         f"(LoRA targets: {', '.join(LORA_TARGETS)})")
+    if net.geometry_dim > 0:
+        net.reference_merger = copy.deepcopy(net.geometry_merger).requires_grad_(False)
+    return lora_parameters(net)
+
+
+@contextmanager
+def adapters_disabled(net: nn.Module):
+    """Inside the block the model computes exactly its base model: the KL reference of a LoRA run.
+
+    Every LoRA branch is skipped (the frozen W x + b alone) and the geometry merger's frozen
+    starting copy replaces the trained one, so the output is bit for bit that of the model
+    before training, from the same weights: no second copy of the model. Works on a DDP-wrapped
+    model too; a model without adapters is an error (it would silently give the policy itself).
+    Example: with torch.no_grad(), adapters_disabled(net): ref_logits = net(**batch)
+    """
+    switches = [m for m in net.modules() if hasattr(m, "adapters_enabled")]
+    if not any(isinstance(m, LoRALinear) for m in switches):
+        raise ValueError("adapters_disabled: the model has no LoRA adapters, so no base model to switch to")
+    saved = [m.adapters_enabled for m in switches]
+    for m in switches:
+        m.adapters_enabled = False
+    try:
+        yield net
+    finally:
+        for m, state in zip(switches, saved):
+            m.adapters_enabled = state
+
+
+def plain_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An nn.Linear around existing Parameters, allocating nothing (built on the meta device first)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight, layer.bias = weight, bias
+    return layer
+
+
+def merge_lora(net: RFTModel) -> RFTModel:
+    """Fold each adapter into its base weight, W <- W + (alpha / r) B A, and drop the wrappers.
+
+    The result is a plain Qwen2.5-VL again, with the module names and state-dict keys it had
+    before `add_lora`, computing what the adapted model computed (up to rounding): for
+    evaluation, export, or to start a new LoRA stage (GRPO after a LoRA SFT) from this policy.
+    B A is formed in float32 and added with one rounding to W's dtype. The reference merger
+    goes too: a merged model is its own base. The weights stay frozen (add_lora froze them):
+    `add_lora` again, or `runtime.trainable_parameters` for full fine-tuning. Returns `net`.
+    """
+    with torch.no_grad():
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    delta = child.scale * (child.lora_B.float() @ child.lora_A.float())
+                    child.weight.copy_(child.weight.float() + delta)
+                    setattr(parent, name, plain_linear(child.weight, child.bias))
+    if "reference_merger" in net._modules:
+        del net.reference_merger
+    return net
+
+
+def lora_state_dict(net: RFTModel) -> dict[str, torch.Tensor]:
+    """The tensors a LoRA checkpoint adds: adapters named as in `net.lm` (e.g.
+    "model.language_model.layers.0.self_attn.q_proj.lora_A"), and the reference merger under
+    "reference_merger." (what `adapters_disabled` needs to give the starting policy again)."""
+    state = {k: v for k, v in net.lm.state_dict().items() if k.endswith(LORA_SUFFIXES)}
+    if "reference_merger" in net._modules:
+        state.update({f"reference_merger.{k}": v for k, v in net.reference_merger.state_dict().items()})
+    return state
+
+
+def save_adapters(net: RFTModel, out_dir: str) -> None:
+    """adapter_model.safetensors + adapter_config.json for a model with adapters; none otherwise.
+
+    The names follow peft's vocabulary (r, lora_alpha, ...) but the files are this project's own
+    format, read by `load_adapters`. Stale adapter files of an earlier save are removed: they
+    would be put back on a model that has none.
+    """
+    files = [os.path.join(out_dir, ADAPTER_FILE), os.path.join(out_dir, ADAPTER_CONFIG_FILE)]
+    lora = [m for m in net.modules() if isinstance(m, LoRALinear)]
+    if not lora:
+        for file in files:
+            if os.path.exists(file):
+                os.remove(file)
+        return
+    save_file({k: v.contiguous() for k, v in lora_state_dict(net).items()}, files[0])
+    names = {name.rsplit(".", 1)[-1] for name, m in net.lm.named_modules() if isinstance(m, LoRALinear)}
+    config = {"r": lora[0].rank, "lora_alpha": lora[0].alpha, "lora_dropout": lora[0].dropout_p,
+              "target_modules": [t for t in LORA_TARGETS if t in names] + sorted(names - set(LORA_TARGETS)),
+              "layers": "LLM decoder layers only (model.language_model.layers)"}
+    with open(files[1], "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def load_adapters(net: RFTModel, path: str, with_reference: bool) -> None:
+    """Put the adapters of a checkpoint folder back on `net` (add_lora, then the saved tensors).
+
+    `with_reference`: the saved reference merger applies (the merger itself came from the same
+    folder); otherwise the fresh snapshot `add_lora` takes stays. Every tensor is checked.
+    """
+    config_file = os.path.join(path, ADAPTER_CONFIG_FILE)
+    config = read_json_object(config_file)
+    rank, alpha, dropout, targets = (config.get(k) for k in ("r", "lora_alpha", "lora_dropout",
+                                                             "target_modules"))
+    if not (isinstance(rank, int) and isinstance(alpha, (int, float)) and isinstance(dropout, (int, float))
+            and isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{config_file}: needs integer r, numbers lora_alpha and lora_dropout, "
+                         f"a list of target_modules names (got {rank!r}, {alpha!r}, {dropout!r}, {targets!r})")
+    try:
+        add_lora(net, rank, alpha, dropout, tuple(targets))
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {one_line(e)}") from None
+    file = os.path.join(path, ADAPTER_FILE)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} is missing although {ADAPTER_CONFIG_FILE} is present")
+    safetensors_keys(file)
+    saved = {k: v for k, v in load_file(file).items()
+             if with_reference or not k.startswith("reference_merger.")}
+    expected = lora_state_dict(net)
+    if not with_reference:
+        expected = {k: v for k, v in expected.items() if not k.startswith("reference_merger.")}
+    odd = sorted(set(expected) ^ set(saved))  # missing or extra
+    odd += sorted(k for k in saved if k in expected and saved[k].shape != expected[k].shape)
+    if odd:
+        raise ValueError(f"{file}: does not fit the model's adapters ({len(odd)} tensor(s) missing, extra or "
+                         f"of another shape, e.g. {odd[0]})")
+    with torch.no_grad():
+        for key, tensor in expected.items():
+            tensor.copy_(saved[key])  # state_dict tensors share storage with the parameters
