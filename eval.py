@@ -45,6 +45,7 @@ import data
 import model as model_lib
 import rewards
 import runtime
+from boxes import box3d_iou, box_rotation, rotation_to_euler_zxy
 
 # =====================================================================================
 # Settings (nanoGPT style: every setting is a flag; the defaults are the comments' values)
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default=0, type=int,  # the "evaluation seed": which subset --limit takes
                    help="seed of the random subset chosen by --limit (decoding is greedy, so it is "
                         "the only randomness)")
+    runtime.add_data_arguments(p)  # --media-root, --num-frames, --skip-bad, --max-seq-len
+    runtime.add_model_arguments(p, training=False)  # --dtype, --max-pixels, --min-pixels
     # how to run
     p.add_argument("--batch-size", default=32, type=runtime.int_at_least(1),  # prompts decoded together
                    help="prompts per generate() call")
@@ -85,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{k} {v}" for k, v in data.DEFAULT_MAX_NEW_TOKENS.items()) + ")")
     p.add_argument("--device", default="auto",  # auto = cuda when available, else cpu
                    help="torch device: auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),  # fp32 on CPU
-                   help="model weights dtype")
     p.add_argument("--samples", default=3, type=runtime.int_at_least(0),  # completions kept in the JSON per task
                    help="number of example completions stored per task")
     p.add_argument("--no-progress", action="store_true",  # progress bar on stderr by default
@@ -140,8 +141,16 @@ def mean(values: Sequence[float]) -> float:
 
 
 def answer_text(completion: str) -> str | None:
-    """The text inside <answer>..</answer> of a well-formed completion, else None (scores 0)."""
-    return rewards.parse_completion(completion)[1]
+    """The answer a completion gives, read leniently as the published evaluations read output:
+    the <answer> part of a well-formed completion, else a fenced ```json``` block, else the whole
+    text (rewards.parse_answer_lenient). The format rate alone stays strict (R_format)."""
+    return rewards.parse_answer_lenient(completion)
+
+
+def as_tagged(answer: str | None) -> str:
+    """A leniently read answer in the `<think></think><answer>..</answer>` form, so that the
+    reward functions score it exactly as they score a tagged completion ("" if there is none)."""
+    return "" if answer is None else data.wrap_answer(answer)
 
 
 def format_rate(records: Sequence[dict], completions: Sequence[str]) -> float:
@@ -149,26 +158,55 @@ def format_rate(records: Sequence[dict], completions: Sequence[str]) -> float:
     return mean([float(rewards.format_reward(c, r) == 1.0) for c, r in zip(completions, records)])
 
 
-def check_lengths(records: Sequence[dict], completions: Sequence[str]) -> None:
-    """One completion per record, or the scores would silently pair the wrong ones."""
+def check_lengths(records: Sequence[dict], completions: Sequence[str],
+                  truncated: Sequence[bool] | None = None) -> None:
+    """One completion (and truncation flag) per record, or the scores would pair the wrong ones."""
     if len(records) != len(completions):
         raise ValueError(f"{len(records)} records but {len(completions)} completions")
+    if truncated is not None and len(truncated) != len(records):
+        raise ValueError(f"{len(records)} records but {len(truncated)} truncation flags")
+
+
+def truncated_share(truncated: Sequence[bool] | None) -> float | None:
+    """Share of completions that hit the token budget (flags from generation); None if unknown."""
+    return None if truncated is None else mean([float(bool(t)) for t in truncated])
 
 
 # =====================================================================================
 # Detection: per-category greedy matching, TP/FP/FN summed over the dataset
 # =====================================================================================
-# Which categories count: those present in the ground truth of the evaluated records (as in
-# the ScanNet benchmark, where the category list is fixed by the annotations). A category that
+# Which categories count in the "present" mean: those present in the ground truth of the
+# evaluated records (VG LLM's fixed list is the "scannet20" mean, below). A category that
 # is in the ground truth but never predicted scores P = R = F1 = 0 and *does* pull the macro mean
 # down. A predicted label that appears in no ground truth box can never be right: its boxes are
 # counted as false positives in a separate "other" bucket, reported (and included in the micro
 # totals) but not in the macro mean, which averages over ground-truth categories only.
-# Labels are compared as rewards.match_detections compares them: stripped and lower-cased.
+# Labels are compared as rewards.match_detections compares them: stripped and lower-cased (VG
+# LLM compares them exactly; its ScanNet labels are lower-case).
 #
-# A completion that does not parse (wrong tags, bad JSON, an invalid box) predicts nothing: all
-# its ground-truth boxes are false negatives. Since matching is same-label only, matching each
-# category separately gives exactly the counts of matching the whole lists at once.
+# Answers are read leniently (answer_text, rewards.parse_boxes_lenient): the tagged form, a
+# fenced or plain JSON list, or VG LLM's one-box-per-line text; invalid entries are dropped and
+# the valid ones kept. A completion with no valid box predicts nothing: all its ground-truth
+# boxes are false negatives. Since matching is same-label only, matching each category
+# separately gives exactly the counts of matching the whole lists at once.
+#
+# Two macro means are reported. "present": over the categories in the evaluated ground truth
+# (the toy world's 8 categories; also the top-level precision / recall / f1). "scannet20": VG
+# LLM's published rule (LaVi-Lab/VG-LLM src/lmms_eval/tasks/threedod/utils.py,
+# threedod_aggregate_results, list `cate20`): per category of a fixed list of 20, TP/FP/FN
+# summed over the data set, P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2PR/(P+R), each 0 when its
+# denominator is 0, then the plain mean over all 20, so a category with no ground truth and no
+# prediction counts 0 (a category with predictions but no ground truth too: P = 0). F1 = 2PR /
+# (P+R) equals prf's 2TP / (2TP+FP+FN) whenever either is defined. VG LLM matches at IoU > 0.25
+# only (compute_ap's default); @0.5 is this project's addition.
+
+# VG LLM's ScanNet-20 list (`cate20`), in its order. Its lmms-eval task returns the F1 mean over
+# `cate31` (these 20 plus 11 more, "lamp" twice, "towl" as spelled); its tables print cate8,
+# cate20 and cate31.
+SCANNET20_CATEGORIES = (
+    "chair", "pillow", "cabinet", "table", "lamp", "couch", "desk", "stand", "bed", "backpack",
+    "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave", "monitor", "computer",
+)
 
 
 def category(label: Any) -> str:
@@ -177,10 +215,8 @@ def category(label: Any) -> str:
 
 
 def predicted_boxes(completion: str) -> list[dict]:
-    """The boxes of a detection completion; [] when it is malformed (it then only misses boxes)."""
-    answer = answer_text(completion)
-    boxes = rewards.parse_boxes(answer) if answer is not None else None
-    return boxes or []
+    """The valid boxes of a detection completion, read leniently; [] when it has none."""
+    return rewards.parse_boxes_lenient(answer_text(completion))
 
 
 def detection_counts(records: Sequence[dict], completions: Sequence[str], iou_threshold: float
@@ -207,17 +243,31 @@ def detection_counts(records: Sequence[dict], completions: Sequence[str], iou_th
     return counts, other_fp
 
 
+def macro_mean(per_category: dict[str, dict], categories: Sequence[str]) -> dict[str, float]:
+    """Unweighted mean P, R, F1 over `categories`; one absent from `per_category` counts 0.
+
+    Example: per-category F1 1, 1 for chair, table, and 0 for sofa: over the three present
+    categories 2/3; over SCANNET20_CATEGORIES (no "sofa" there) (1 + 1) / 20 = 0.1.
+    """
+    zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    rows = [per_category.get(c, zero) for c in categories]
+    return {k: mean([m[k] for m in rows]) for k in ("precision", "recall", "f1")}
+
+
 def detection_metrics_at(records: Sequence[dict], completions: Sequence[str], iou_threshold: float) -> dict:
-    """P/R/F1 per category, their macro mean (over ground-truth categories), micro totals."""
+    """P/R/F1 per category, two macro means (present categories; VG LLM's ScanNet-20), micro totals."""
     counts, other_fp = detection_counts(records, completions, iou_threshold)
     per_category = {c: prf(*tp_fp_fn) for c, tp_fp_fn in counts.items()}
     tp, fp, fn = (sum(v[k] for v in counts.values()) for k in range(3))
+    # unweighted means of the per-category values (so macro F1 is the mean of the category F1s,
+    # not the F1 of macro P and macro R)
+    present = macro_mean(per_category, list(per_category))
     return {
-        # the published numbers: unweighted means of the per-category values (so macro F1 is the
-        # mean of the category F1s, not the F1 of macro P and macro R)
-        "precision": mean([m["precision"] for m in per_category.values()]),
-        "recall": mean([m["recall"] for m in per_category.values()]),
-        "f1": mean([m["f1"] for m in per_category.values()]),
+        **present,  # precision / recall / f1: the present-category means (as "present")
+        "present": {**present, "categories": len(per_category)},
+        # VG LLM's published rule: the mean over its fixed ScanNet-20 list
+        "scannet20": {**macro_mean(per_category, SCANNET20_CATEGORIES),
+                      "categories": sum(c in per_category for c in SCANNET20_CATEGORIES)},
         # every box pooled, unknown labels included
         "micro": prf(tp, fp + other_fp, fn),
         "per_category": per_category,
@@ -252,12 +302,15 @@ def localisation_errors(records: Sequence[dict], completions: Sequence[str]) -> 
     return {"centre": median[:3].round(4).tolist(), "size": median[3:].round(4).tolist(), "boxes": len(errors)}
 
 
-def detection_metrics(records: Sequence[dict], completions: Sequence[str]) -> dict:
-    """Detection metrics of a data set: {"@0.25": {...}, "@0.5": {...}} plus counts and format rate."""
-    check_lengths(records, completions)
+def detection_metrics(records: Sequence[dict], completions: Sequence[str],
+                      truncated: Sequence[bool] | None = None) -> dict:
+    """Detection metrics of a data set: {"@0.25": {...}, "@0.5": {...}} plus counts, format rate
+    and (given generation's flags) the share of completions cut by the token budget."""
+    check_lengths(records, completions, truncated)
     out: dict[str, Any] = {
         "num_samples": len(records),
         "format_rate": format_rate(records, completions),
+        "truncated": truncated_share(truncated),
         "categories": sorted({category(b["label"]) for r in records for b in r["boxes"]}),
     }
     for t in IOU_THRESHOLDS:
@@ -273,36 +326,164 @@ def detection_metrics(records: Sequence[dict], completions: Sequence[str]) -> di
 # camera frame of the *predicted* frame f, goes to the scene by axis_align_matrix @ cam2global[f]
 # and is compared exactly with the ground-truth box. A malformed answer or a frame outside the
 # sampled frames has IoU 0. Note the convention: Acc counts IoU >= threshold (ScanRefer), while
-# detection matching needs IoU > threshold.
+# detection matching needs IoU > threshold. Answers are read leniently (answer_text,
+# rewards.parse_grounding_lenient: also a fenced / plain JSON dict, or VG LLM's first line naming
+# "bbox_3d").
+#
+# A record without a ground-truth frame (`gt_frame` None: ScanRefer val, whose VG LLM records
+# have `target` null) still scores its box; it is left out of frame accuracy, which is None when
+# no record has a frame. ScanRefer's "unique" / "multiple" split is reported when the records
+# carry it: VG LLM's ScanRefer records as metadata.question_type (= ScanRefer's eval_type,
+# vgg-llm/Point3R-LLM scripts/preprocess/convert_scanrefer.py), or an `eval_type` key.
+#
+# Euler convention of the answer's box (`euler`). "ZXY" (default): intrinsic Rz Rx Ry, this
+# project's boxes.box_rotation, the same as VG LLM's current ScanRefer evaluation
+# (vgg-llm/Point3R-LLM src/lmms_eval/tasks/scanrefer/utils.py, scanrefer_bbox_to_9dof with
+# convention="ZXY", since commit 85c9cd0 of 2025-11-28, "models and data have been updated
+# accordingly"). "zxy": the earlier VG LLM release (LaVi-Lab/VG-LLM 6fbdae6,
+# transform_scanrefer_bbox), whose camera-frame boxes are scipy's lower-case "zxy", i.e.
+# extrinsic, R = Ry(pitch) Rx(roll) Rz(yaw); it rotates them into the scene, takes the scene
+# rotation's extrinsic "zxy" angles, and its IoU then reads those angles as intrinsic ZXY
+# (pytorch3d euler_angles_to_matrix(.., "ZXY")), as does ours. `vgllm_box_to_scene` repeats
+# that for models trained on the earlier data. The ground-truth box is read as intrinsic ZXY by
+# both (ScanRefer's boxes are axis-aligned: angles 0).
+
+GROUNDING_SUBSETS = ("unique", "multiple")
+EULER_CONVENTIONS = ("ZXY", "zxy")
+
+
+def grounding_subset(record: dict) -> str | None:
+    """ScanRefer's "unique" / "multiple" label of a record (metadata.question_type, metadata.eval_type
+    or eval_type), or None when it carries none."""
+    meta = record.get("metadata")
+    found = [meta.get("question_type"), meta.get("eval_type")] if isinstance(meta, dict) else []
+    for value in (*found, record.get("eval_type")):
+        if isinstance(value, str) and value.strip().lower() in GROUNDING_SUBSETS:
+            return value.strip().lower()
+    return None
+
+
+def extrinsic_zxy_rotation(yaw: float, roll: float, pitch: float) -> np.ndarray:
+    """scipy's Rotation.from_euler("zxy", [yaw, roll, pitch]) (extrinsic): Ry(pitch) Rx(roll) Rz(yaw).
+
+    It is the transpose of the intrinsic ZXY rotation of the negated angles.
+    """
+    return box_rotation(-yaw, -roll, -pitch).T
+
+
+def extrinsic_zxy_angles(R: np.ndarray) -> tuple[float, float, float]:
+    """scipy's Rotation.from_matrix(R).as_euler("zxy"): the inverse of extrinsic_zxy_rotation
+    (middle angle in [-pi/2, pi/2]; R is first made orthonormal, as from_matrix does)."""
+    u, _, vt = np.linalg.svd(np.asarray(R, dtype=float).reshape(3, 3))
+    yaw, roll, pitch = rotation_to_euler_zxy((u @ vt).T)
+    return -yaw, -roll, -pitch
+
+
+def vgllm_box_to_scene(box: Sequence[float], to_scene: Any, convention: str = "zxy") -> list[float]:
+    """A camera-frame box mapped to the scene as VG LLM's ScanRefer evaluation maps it.
+
+    `to_scene` is axis_align_matrix @ cam2global[frame]. The centre goes through the full matrix;
+    the rotation R(angles) of the given convention ("zxy": extrinsic_zxy_rotation; "ZXY":
+    boxes.box_rotation) is left-multiplied by its 3x3 part and turned back into angles of the
+    same convention. The result is read by the IoU as intrinsic ZXY (boxes.box_rotation), as VG
+    LLM's IoU reads it. For "ZXY" this is the rigid transform of the box (= the grounding reward).
+    """
+    if convention not in EULER_CONVENTIONS:
+        raise ValueError(f"unknown Euler convention {convention!r}; choose from {EULER_CONVENTIONS}")
+    T = np.asarray(to_scene, dtype=float).reshape(4, 4)
+    b = [float(v) for v in box]
+    centre = T[:3, :3] @ np.array(b[:3]) + T[:3, 3]
+    if convention == "zxy":
+        angles = extrinsic_zxy_angles(T[:3, :3] @ extrinsic_zxy_rotation(*b[6:9]))
+    else:
+        angles = rotation_to_euler_zxy(T[:3, :3] @ box_rotation(*b[6:9]))
+    return [*centre.tolist(), *b[3:6], *map(float, angles)]
+
+
+def predicted_grounding(completion: str) -> tuple[int, list[float]] | None:
+    """(frame, box) of a grounding completion, read leniently, or None if it does not parse."""
+    return rewards.parse_grounding_lenient(answer_text(completion))
 
 
 def predicted_frame(completion: str) -> int | None:
     """The frame index a grounding completion names, or None if it does not parse."""
-    answer = answer_text(completion)
-    parsed = rewards.parse_grounding(answer) if answer is not None else None
+    parsed = predicted_grounding(completion)
     return None if parsed is None else parsed[0]
 
 
-def grounding_metrics(records: Sequence[dict], completions: Sequence[str]) -> dict:
-    """Acc@0.25, Acc@0.5, mean IoU, frame accuracy (predicted frame == ground-truth frame)."""
-    check_lengths(records, completions)
-    ious = [rewards.grounding_iou_reward(c, r) for c, r in zip(completions, records)]
-    frames_right = [float(predicted_frame(c) == int(r["gt_frame"])) for c, r in zip(completions, records)]
-    out: dict[str, Any] = {"num_samples": len(records), "format_rate": format_rate(records, completions)}
-    for t in IOU_THRESHOLDS:
-        out[f"acc@{t}"] = mean([float(iou >= t) for iou in ious])
+def grounding_iou(completion: str, record: dict, euler: str = "ZXY") -> float:
+    """The 3D IoU of a grounding completion's box with the record's gt_bbox, 0 if unusable.
+
+    "ZXY": the grounding reward on the (leniently read) answer, rewritten in the tagged form.
+    "zxy": vgllm_box_to_scene then the exact IoU (a frame outside the sampled frames: 0).
+    """
+    parsed = predicted_grounding(completion)
+    if parsed is None:
+        return 0.0
+    frame, box = parsed
+    if euler == "ZXY":
+        return rewards.grounding_iou_reward(as_tagged(json.dumps({"frame": frame, "bbox_3d": box})), record)
+    if not 0 <= frame < len(record["cam2global"]):
+        return 0.0
+    align = np.asarray(record.get("axis_align_matrix", np.eye(4)), dtype=float).reshape(4, 4)
+    to_scene = align @ np.asarray(record["cam2global"][frame], dtype=float).reshape(4, 4)
+    return box3d_iou(vgllm_box_to_scene(box, to_scene, euler), record["gt_bbox"])
+
+
+def accuracies(ious: Sequence[float]) -> dict[str, float]:
+    """{"acc@0.25", "acc@0.5"}: the share of IoUs >= each threshold."""
+    return {f"acc@{t}": mean([float(iou >= t) for iou in ious]) for t in IOU_THRESHOLDS}
+
+
+def grounding_metrics(records: Sequence[dict], completions: Sequence[str],
+                      truncated: Sequence[bool] | None = None, euler: str = "ZXY") -> dict:
+    """Acc@0.25, Acc@0.5 (overall and per ScanRefer subset), mean IoU, frame accuracy
+    (predicted frame == ground-truth frame, over the records that have one; else None)."""
+    check_lengths(records, completions, truncated)
+    if euler not in EULER_CONVENTIONS:
+        raise ValueError(f"unknown Euler convention {euler!r}; choose from {EULER_CONVENTIONS}")
+    ious = [grounding_iou(c, r, euler) for c, r in zip(completions, records)]
+    framed = [(c, r) for c, r in zip(completions, records) if r.get("gt_frame") is not None]
+    out: dict[str, Any] = {"num_samples": len(records), "format_rate": format_rate(records, completions),
+                           "truncated": truncated_share(truncated), "euler": euler}
+    out.update(accuracies(ious))
     out["mean_iou"] = mean(ious)
-    out["frame_acc"] = mean(frames_right)
+    out["frame_acc"] = mean([float(predicted_frame(c) == int(r["gt_frame"])) for c, r in framed]) if framed else None
+    out["frame_samples"] = len(framed)
+    subsets = {}
+    for name in GROUNDING_SUBSETS:
+        chosen = [iou for iou, r in zip(ious, records) if grounding_subset(r) == name]
+        if chosen:
+            subsets[name] = {"num_samples": len(chosen), **accuracies(chosen), "mean_iou": mean(chosen)}
+    out["subsets"] = subsets  # {} when the records carry no subset labels
     return out
 
 
 # =====================================================================================
 # Spatial QA: accuracy or MRA per question type, overall = unweighted mean of the types
 # =====================================================================================
-# Each sample is scored by the spatial reward itself (option letter exact match for the
-# multiple-choice types, MRA for the numeric ones; a malformed answer scores 0). Types are
-# averaged without weights, as VSI-Bench averages its tasks, so a rare type counts as much as a
-# frequent one.
+# Each sample is scored as VSI-Bench scores it (vision-x-nyu/thinking-in-space
+# lmms_eval/tasks/vsibench/utils.py, vsibench_process_results), on the leniently read answer
+# (answer_text): the first space-separated word, trailing "." removed (fuzzy_matching); multiple
+# choice: that word equals the ground truth, case-insensitive (exact_match: "A", "a", "A.",
+# "A. sofa", "A sofa" score, "(A)", "A)", "A:" do not); numeric: float() of that word (to_float:
+# "3.5 m" reads 3.5, "3.5m" and "three" score 0), then MRA over the ten thresholds of
+# np.linspace(.5, .95, 10) with no slack (mean_relative_accuracy). Where that differs from the
+# reward (rewards.parse_choice / parse_number / mra, 1e-9 slack at the thresholds), the metric
+# follows VSI-Bench: e.g. 4 for 5 scores 0.6 here (|4 - 5| / 5 <= 1 - 0.8 is False in floats),
+# 0.7 as a reward. Not in VSI-Bench: a ground truth of 0 (it divides by it) scores exact match.
+#
+# Aggregation as vsibench_aggregate_results: the mean per question type; then
+# object_rel_direction_easy / _medium / _hard are replaced by one object_rel_direction score,
+# the plain mean of their three means (not the mean over their records); overall = the
+# unweighted mean over the types. (VSI-Bench needs all three sub-types; here the ones present
+# are averaged, with a plain object_rel_direction type, if any, as one more member.)
+
+# VSI-Bench's thresholds, built as it builds them: linspace(.5, .95, int((.95 - .5) / .05 + 2)),
+# which is 10 points (the quotient is 10.999..., truncated).
+VSI_MRA_THRESHOLDS = np.linspace(0.5, 0.95, int((0.95 - 0.5) / 0.05 + 2))
+REL_DIRECTION = "object_rel_direction"
+REL_DIRECTION_PARTS = ("object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard")
 
 
 def metric_name(question_type: str) -> str:
@@ -314,19 +495,73 @@ def metric_name(question_type: str) -> str:
     return "score"  # an unknown type: the reward decides from the record (options / answer)
 
 
-def spatial_metrics(records: Sequence[dict], completions: Sequence[str]) -> dict:
-    """{"overall", "per_type": {type: {"metric", "score", "num_samples"}}} plus the format rate."""
-    check_lengths(records, completions)
+def vsi_fuzzy_matching(answer: str) -> str:
+    """VSI-Bench's fuzzy_matching: the first space-separated word, trailing dots stripped."""
+    return answer.split(" ")[0].rstrip(".").strip()
+
+
+def vsi_to_float(text: str) -> float | None:
+    """VSI-Bench's to_float: float(text), or None when that fails."""
+    try:
+        return float(text)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def vsi_mra(pred: float, target: float) -> float:
+    """VSI-Bench's mean_relative_accuracy: mean over its 10 thresholds theta of
+    |pred - target| / target <= 1 - theta, in plain floating point. target 0: exact match."""
+    if target == 0:
+        return 1.0 if pred == 0 else 0.0
+    return float(np.mean(abs(pred - target) / target <= 1 - VSI_MRA_THRESHOLDS))
+
+
+def spatial_score(completion: str, record: dict) -> float:
+    """One spatial answer scored as VSI-Bench scores it (exact match or MRA), in [0, 1]."""
+    answer = answer_text(completion)
+    if answer is None:
+        return 0.0
+    pred, truth = vsi_fuzzy_matching(answer), str(record["answer"])
+    qtype = record.get("question_type")
+    mc = qtype in data.MC_QUESTION_TYPES or (qtype not in data.NUMERIC_QUESTION_TYPES and rewards.is_multiple_choice(record))
+    if mc:
+        return 1.0 if pred.lower() == truth.lower() else 0.0
+    p, t = vsi_to_float(pred), vsi_to_float(truth)
+    return 0.0 if p is None or t is None else vsi_mra(p, t)
+
+
+def merge_rel_direction(per_type: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(per_type with the object_rel_direction sub-types merged into one type, the merged parts).
+
+    The merged score is the plain mean of the parts' scores (VSI-Bench: (easy + medium + hard) / 3).
+    Without sub-types nothing changes and the parts are {}.
+    """
+    if not any(t in per_type for t in REL_DIRECTION_PARTS):
+        return per_type, {}
+    parts = {t: m for t, m in per_type.items() if t in REL_DIRECTION_PARTS or t == REL_DIRECTION}
+    merged = {"metric": "accuracy", "score": mean([m["score"] for m in parts.values()]),
+              "num_samples": sum(m["num_samples"] for m in parts.values())}
+    rest = {t: m for t, m in per_type.items() if t not in parts}
+    return dict(sorted({**rest, REL_DIRECTION: merged}.items())), parts
+
+
+def spatial_metrics(records: Sequence[dict], completions: Sequence[str],
+                    truncated: Sequence[bool] | None = None) -> dict:
+    """{"overall", "per_type": {type: {"metric", "score", "num_samples"}}, "rel_direction_parts"}
+    plus the format rate and the truncated share."""
+    check_lengths(records, completions, truncated)
     scores: dict[str, list[float]] = {}
     for record, completion in zip(records, completions):
-        scores.setdefault(str(record["question_type"]), []).append(rewards.spatial_reward(completion, record))
-    per_type = {t: {"metric": metric_name(t), "score": mean(s), "num_samples": len(s)}
-                for t, s in sorted(scores.items())}
+        scores.setdefault(str(record["question_type"]), []).append(spatial_score(completion, record))
+    per_type, parts = merge_rel_direction({t: {"metric": metric_name(t), "score": mean(s), "num_samples": len(s)}
+                                           for t, s in sorted(scores.items())})
     return {
         "num_samples": len(records),
         "format_rate": format_rate(records, completions),
+        "truncated": truncated_share(truncated),
         "overall": mean([m["score"] for m in per_type.values()]),
         "per_type": per_type,
+        "rel_direction_parts": parts,  # the sub-types merged into object_rel_direction ({} if none)
     }
 
 
@@ -337,11 +572,16 @@ def spatial_metrics(records: Sequence[dict], completions: Sequence[str]) -> dict
 METRICS = {"detection": detection_metrics, "grounding": grounding_metrics, "spatial": spatial_metrics}
 
 
-def score(task: str, records: Sequence[dict], completions: Sequence[str]) -> dict:
-    """The metrics of one task from (records, completions): no model needed."""
+def score(task: str, records: Sequence[dict], completions: Sequence[str],
+          truncated: Sequence[bool] | None = None, **options: Any) -> dict:
+    """The metrics of one task from (records, completions): no model needed.
+
+    `truncated` (one flag per completion: it hit the token budget) adds the share "truncated";
+    `options` go to the task's metric function (grounding: euler="ZXY" or "zxy").
+    """
     if task not in METRICS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(METRICS)}")
-    return METRICS[task](records, completions)
+    return METRICS[task](records, completions, truncated, **options)
 
 
 # =====================================================================================
@@ -350,8 +590,9 @@ def score(task: str, records: Sequence[dict], completions: Sequence[str]) -> dic
 
 
 def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], batch_size: int = 32,
-                         max_new_tokens: int = 64, progress: bool = True) -> list[str]:
-    """Greedy completions of the records' prompts, in order, as text (tags kept, EOS dropped).
+                         max_new_tokens: int = 64, progress: bool = True) -> tuple[list[str], list[bool]]:
+    """Greedy completions of the records' prompts, in order, as text (tags kept, EOS dropped), and
+    for each whether it was cut by `max_new_tokens` (no EOS).
 
     `net` is a model.RFTModel; a DDP wrapper is unwrapped here. It is put in eval mode for the
     call and given back in the mode it came in, so training loops can call this mid-run. Call it
@@ -365,6 +606,7 @@ def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], bat
     was_training = net.training
     net.eval()
     completions: list[str] = []
+    truncated: list[bool] = []
     try:
         with torch.no_grad(), tqdm(total=len(records), unit="sample", desc="generate",
                                    disable=not progress, file=sys.stderr) as bar:
@@ -375,10 +617,11 @@ def generate_completions(net, tokenizer, image_cfg, records: Sequence[dict], bat
                                        suppress_tokens=suppress)
                 # skip_special_tokens drops EOS and padding; <think>/<answer> are ordinary tokens
                 completions.extend(tokenizer.batch_decode(new_ids, skip_special_tokens=True))
+                truncated.extend((~(new_ids == tokenizer.eos_token_id).any(1)).tolist())
                 bar.update(len(chunk))
     finally:
         net.train(was_training)
-    return completions
+    return completions, truncated
 
 
 # =====================================================================================
@@ -399,19 +642,28 @@ def select_records(records: Sequence[dict], limit: int | None, seed: int) -> lis
     return [records[i] for i in chosen]
 
 
-def load_eval_records(data_dir: str, split: str, task: str, limit: int | None, seed: int) -> list[dict]:
-    """The records of one task and split, subset by (limit, seed); FileNotFoundError if absent."""
-    if not os.path.isdir(data_dir):
+def load_eval_records(data_dir: str, split: str, task: str, limit: int | None, seed: int,
+                      record_options: dict | None = None) -> list[dict]:
+    """The records of one task and split, subset by (limit, seed); FileNotFoundError if absent.
+
+    `data_dir` is a data folder (`<split>/<task>.jsonl`) or one published records file (VG LLM's
+    JSON array, VSI-Bench rows). `record_options`: media_root, num_frames, skip_bad of
+    data.load_records_checked (the scripts' --media-root, --num-frames, --skip-bad).
+    """
+    if not os.path.exists(data_dir):
         raise FileNotFoundError(f"data directory not found: {data_dir} (generate the toy data with: python scenes.py)")
     # the file path (not the split folder) so that a missing file is named in the error
-    records = data.load_records(os.path.join(data_dir, split, f"{task}.jsonl"))
+    path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, split, f"{task}.jsonl")
+    records, skipped = data.load_records_checked(path, task, **(record_options or {}))
+    if skipped:
+        print(f"skipped {len(skipped)} bad {task} record(s) of {path}; the first: {skipped[0]}", file=sys.stderr)
     return select_records(records, limit, seed)
 
 
 def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
              tasks: Sequence[str] = ("detection",), limit: int | None = None, seed: int = 0,
              batch_size: int = 32, max_new_tokens: int | None = None, progress: bool = True,
-             samples: int = 3) -> dict:
+             samples: int = 3, record_options: dict | None = None, max_seq_len: int | None = None) -> dict:
     """Greedy evaluation on `data_dir/split/<task>.jsonl` for each task.
 
     Returns {"meta": {...settings, seconds...}, task: metrics, ...} where each task's metrics
@@ -423,10 +675,18 @@ def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
     results: dict[str, Any] = {"meta": {"data": data_dir, "split": split, "tasks": list(tasks), "limit": limit,
                                         "seed": seed, "decoding": "greedy"}}
     for task in tasks:
-        records = load_eval_records(data_dir, split, task, limit, seed)
+        records = load_eval_records(data_dir, split, task, limit, seed, record_options)
         n_tokens = data.DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
-        completions = generate_completions(net, tokenizer, image_cfg, records, batch_size, n_tokens, progress)
-        metrics = score(task, records, completions)
+        if max_seq_len is not None:  # a prompt longer than the context is refused before generating
+            skip = bool((record_options or {}).get("skip_bad"))
+            records, dropped = data.check_lengths(records, tokenizer, image_cfg, max_seq_len, n_tokens, skip_bad=skip)
+            if dropped:
+                print(f"skipped {len(dropped)} record(s) over {max_seq_len} tokens; the first: {dropped[0]}",
+                      file=sys.stderr)
+        completions, truncated = generate_completions(net, tokenizer, image_cfg, records, batch_size, n_tokens,
+                                                      progress)
+        # `truncated`: a cut answer scores 0, so its share says whether --max-new-tokens is too small.
+        metrics = score(task, records, completions, truncated)
         metrics["max_new_tokens"] = n_tokens
         metrics["samples"] = [
             {"id": r.get("id"), "completion": c, "reference": r["conversations"][1]["value"]}
@@ -456,20 +716,34 @@ def summary(results: dict) -> dict[str, float]:
             rows[f"detection/F1@{t}"] = m[f"@{t}"]["f1"]
             rows[f"detection/P@{t}"] = m[f"@{t}"]["precision"]
             rows[f"detection/R@{t}"] = m[f"@{t}"]["recall"]
+        for t in IOU_THRESHOLDS:  # VG LLM's rule: the mean over its fixed ScanNet-20 list
+            if "scannet20" in m[f"@{t}"]:  # (absent from results saved before it existed)
+                for key, name in (("f1", "F1"), ("precision", "P"), ("recall", "R")):
+                    rows[f"detection/{name}@{t} ScanNet-20"] = m[f"@{t}"]["scannet20"][key]
         rows["detection/format"] = m["format_rate"]
+        if m.get("truncated") is not None:  # the share cut by the token budget, when generation told
+            rows["detection/truncated"] = m["truncated"]
     if "grounding" in results:
         m = results["grounding"]
         for t in IOU_THRESHOLDS:
             rows[f"grounding/Acc@{t}"] = m[f"acc@{t}"]
+        for subset, v in (m.get("subsets") or {}).items():
+            for t in IOU_THRESHOLDS:
+                rows[f"grounding/Acc@{t} {subset}"] = v[f"acc@{t}"]
         rows["grounding/mean IoU"] = m["mean_iou"]
-        rows["grounding/frame acc"] = m["frame_acc"]
+        if m.get("frame_acc") is not None:  # None: no record has a ground-truth frame
+            rows["grounding/frame acc"] = m["frame_acc"]
         rows["grounding/format"] = m["format_rate"]
+        if m.get("truncated") is not None:  # the share cut by the token budget, when generation told
+            rows["grounding/truncated"] = m["truncated"]
     if "spatial" in results:
         m = results["spatial"]
         rows["spatial/overall"] = m["overall"]
         for t, v in m["per_type"].items():
             rows[f"spatial/{t} ({v['metric']})"] = v["score"]
         rows["spatial/format"] = m["format_rate"]
+        if m.get("truncated") is not None:  # the share cut by the token budget, when generation told
+            rows["spatial/truncated"] = m["truncated"]
     return rows
 
 
@@ -562,16 +836,21 @@ def run_eval(args: argparse.Namespace) -> None:
     """Evaluate one model: load, generate, score, print the table, save the JSON."""
     # Check the data, the device and the output path first: a typo in any should not cost a
     # model load (nor, for --out, a whole evaluation).
+    options = {"media_root": args.media_root, "num_frames": args.num_frames, "skip_bad": args.skip_bad}
     for task in args.tasks:
-        load_eval_records(args.data, args.split, task, args.limit, args.seed)
+        load_eval_records(args.data, args.split, task, args.limit, args.seed, options)
     device = runtime.resolve_device(args.device)
     if args.out:
         check_output_file(args.out)
     geometry = model_lib.GEOMETRY_FLAG[args.geometry]
-    net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry, dtype=getattr(torch, args.dtype))
+    net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry,
+                                                     dtype=runtime.weights_dtype(args, training=False))
     net.to(device)
+    image_cfg = runtime.pixel_budget(image_cfg, args)
     results = evaluate(net, tokenizer, image_cfg, args.data, args.split, args.tasks, args.limit, args.seed,
-                       args.batch_size, args.max_new_tokens, progress=not args.no_progress, samples=args.samples)
+                       args.batch_size, args.max_new_tokens, progress=not args.no_progress, samples=args.samples,
+                       record_options=options,
+                       max_seq_len=args.max_seq_len or net.lm.config.text_config.max_position_embeddings)
     results["meta"]["model"] = args.model
     print(markdown_table(results))
     if args.out:

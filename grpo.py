@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,13 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", type=os.path.normpath, default=DEFAULT_INIT,
                    help="policy to start from (an SFT checkpoint folder; 'toy' = random)")
     p.add_argument("--data", type=os.path.normpath, default="data/toy",
-                   help="data folder holding <split>/<task>.jsonl")
+                   help="data folder holding <split>/<task>.jsonl, or one published records file")
     p.add_argument("--split", default="train", help="split to draw prompts from")
     p.add_argument("--task", default="detection", choices=data.TASKS,
                    help="task whose prompts and rewards are used")
     p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many prompts")
     p.add_argument("--out", type=os.path.normpath, default="runs/grpo",
                    help="run folder: metrics.jsonl, samples.jsonl, checkpoint 'latest/'")
+    runtime.add_data_arguments(p)
+    runtime.add_model_arguments(p, training=True)
     # ---- rewards. Paper: R = R_format + R_task, with R_det = R_IoU + R_F1, R_grd = R_frame + R_IoU
     # and R_spatial = accuracy or MRA by question type (rewards.TASK_REWARDS).
     p.add_argument("--reward", default=None,
@@ -475,9 +478,11 @@ def update_policy(policy: Policy, rollouts: Rollouts, normalizer: float, setup: 
         mask = rollouts.completion_mask[rows]
         ref_logp = None
         if args.beta != 0:
-            with torch.no_grad():
-                ref_logp = completion_logprobs(policy.ref, rollouts, rows, setup.banned, args.temperature,
-                                               reuse_vision=reuse_vision).cpu()
+            # The frozen reference, or (LoRA) the policy itself with its adapters switched off.
+            reference_off = model_lib.adapters_disabled(policy.net) if policy.ref is None else nullcontext()
+            with torch.no_grad(), reference_off:
+                ref_logp = completion_logprobs(policy.ref or policy.net, rollouts, rows, setup.banned,
+                                               args.temperature, reuse_vision=reuse_vision).cpu()
         # DDP all-reduces the gradients on the last chunk's backward only
         skip_sync = isinstance(policy.trained, DDP) and i < len(chunks) - 1
         with policy.trained.no_sync() if skip_sync else torch.enable_grad():
@@ -551,10 +556,13 @@ def prompt_seed(seed: int, step: int, index: int) -> int:
 
 
 def load_policy(args, proc: runtime.Dist, resume_from: str, resume_state: dict | None = None):
-    """Policy (and frozen reference when beta > 0), with a one-line error for a missing checkpoint.
+    """Policy and frozen reference, with a one-line error for a missing or broken checkpoint.
 
     On resume the policy comes from the run's checkpoint and the reference stays the policy the
-    run started from (`resume_state["args"]["init"]`), whatever --init says now.
+    run started from (`resume_state["args"]["init"]`), whatever --init says now. With beta = 0
+    there is no reference; with LoRA the reference is the policy with its adapters switched off
+    (`model.adapters_disabled`: one copy of the base weights); otherwise a second, frozen copy in
+    the run's precision (bf16 for --dtype bfloat16).
     """
     source = resume_from if resume_state else args.init
     init = resume_state["args"]["init"] if resume_state else args.init
@@ -563,15 +571,14 @@ def load_policy(args, proc: runtime.Dist, resume_from: str, resume_state: dict |
             hint = " (make it with: python sft.py)" if path == DEFAULT_INIT else ""
             raise SystemExit(f"error: initial policy not found: {path}{hint}")
     try:
-        net, tokenizer, image_cfg = model_lib.load_model(source)
+        net, tokenizer, image_cfg = model_lib.load_model(source, dtype=runtime.weights_dtype(args))
         ref = None
-        if args.beta != 0:
-            ref = model_lib.load_model(init)[0].to(proc.device).eval()
-            for p in ref.parameters():
-                p.requires_grad = False
+        if args.beta != 0 and args.lora_rank == 0:
+            ref_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+            ref = model_lib.load_reference(init, dtype=ref_dtype).to(proc.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    return net.to(proc.device), ref, tokenizer, image_cfg
+    return net.to(proc.device), ref, tokenizer, runtime.pixel_budget(image_cfg, args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -585,8 +592,8 @@ def main(argv: list[str] | None = None) -> None:
     runtime.claim_run_folder(args.out, args.resume, args.overwrite, proc)
     runtime.seed_everything(args.seed)
     try:
-        records = data.load_records(os.path.join(args.data, args.split), args.task, args.limit)
-    except (FileNotFoundError, data.RecordError) as e:
+        records = runtime.load_run_records(args, args.task, args.split, args.limit, quiet=not proc.master)
+    except (FileNotFoundError, ValueError) as e:  # data.RecordError is a ValueError
         raise SystemExit(f"error: {e}")
     latest = os.path.join(args.out, "latest")  # where checkpoints go
     resume_from = runtime.resolve_checkpoint(latest)  # `latest`, or `latest.old` after a cut rename
@@ -601,7 +608,14 @@ def main(argv: list[str] | None = None) -> None:
     # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
     # geometry merger learn.
     net, ref, tokenizer, image_cfg = load_policy(args, proc, resume_from, resume_state)
-    params = runtime.trainable_parameters(net, args.train_vision)
+    try:  # every prompt must fit the context with its completion budget
+        records = runtime.fit_lengths(records, tokenizer, image_cfg, args, quiet=not proc.master,
+                                      max_positions=net.lm.config.text_config.max_position_embeddings,
+                                      completion_tokens=args.max_new_tokens)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    # What trains: the LLM and the geometry merger (the paper), or LoRA adapters (--lora-rank).
+    params = runtime.trainable_setup(net, args, args.train_vision)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start_step = 0
     if resume_state:
@@ -637,7 +651,8 @@ def main(argv: list[str] | None = None) -> None:
         my_positions = runtime.shard(list(range(args.prompts_per_step)), proc.rank, proc.world_size)
         my_records = [records[step_prompts[i]] for i in my_positions]
         seeds = [prompt_seed(args.seed, step, i) for i in my_positions]
-        rollouts = rollout(net, my_records, seeds, setup)
+        with runtime.precision(args.dtype, proc.device):  # bf16 autocast for --dtype bfloat16
+            rollouts = rollout(net, my_records, seeds, setup)
         rollout_s = time.time() - t0
         # ---- 2. advantages: each completion against the others of its group (no value network)
         rollouts.advantages = group_advantages(rollouts.rewards, G, scale=args.scale_rewards == "group")
@@ -651,10 +666,12 @@ def main(argv: list[str] | None = None) -> None:
         # With several passes over one rollout batch the policy drifts from the one that sampled:
         # its log-probs are frozen first, so later passes measure the ratio r against them.
         if args.mu > 1:
-            rollouts.old_logp = old_logprobs(net, rollouts, setup)
+            with runtime.precision(args.dtype, proc.device):
+                rollouts.old_logp = old_logprobs(net, rollouts, setup)
         try:
             for _ in range(args.mu):
-                update = update_policy(policy, rollouts, normalizer, setup)
+                with runtime.precision(args.dtype, proc.device):
+                    update = update_policy(policy, rollouts, normalizer, setup)
         except FloatingPointError as e:
             raise SystemExit(f"error at step {step}: {e} (a learning rate too high, or NaN/inf in inputs, "
                              f"e.g. geometry features); nothing was saved for this step, "
@@ -677,9 +694,10 @@ def main(argv: list[str] | None = None) -> None:
         # checkpoint comes second so that it covers the evaluation's log line.
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and proc.master:
-            logger.log({"step": step, "eval": evaluation.evaluate(
-                net, tokenizer, image_cfg, args.data, "val", tasks=(args.task,), limit=args.eval_limit,
-                progress=False)})
+            with runtime.precision(args.dtype, proc.device):
+                result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=(args.task,),
+                                             limit=args.eval_limit, progress=False)
+            logger.log({"step": step, "eval": result})
         if (args.save_every and done % args.save_every == 0) or done == end_step:
             state = {"step": done, "args": vars(args)}  # rank 0 writes; the other processes wait
             runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, state, proc)

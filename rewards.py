@@ -88,7 +88,7 @@ def _gt_boxes(record: dict) -> list[dict]:
     return [{"label": b["label"], "bbox_3d": b["bbox_3d"]} for b in record.get("boxes") or []]
 
 
-def _is_mc(record: dict) -> bool:
+def is_multiple_choice(record: dict) -> bool:
     """Is this spatial question multiple choice? By `question_type`; for an unknown type, by
     `options` being present or the answer being a letter rather than a number."""
     qtype = record.get("question_type")
@@ -122,7 +122,7 @@ def format_reward(completion: str, record: dict) -> float:
     elif task == "grounding":
         ok = parse_grounding(answer) is not None
     elif task == "spatial":
-        ok = (parse_choice(answer) if _is_mc(record) else parse_number(answer)) is not None
+        ok = (parse_choice(answer) if is_multiple_choice(record) else parse_number(answer)) is not None
     else:
         ok = False
     return 1.0 if ok else 0.0
@@ -270,7 +270,7 @@ def accuracy_reward(completion: str, record: dict) -> float:
     (case-insensitive; letter variants as in `parse_choice`). Numeric or non-spatial
     records, or malformed answers: 0.
     """
-    if _task(record) != "spatial" or not _is_mc(record):
+    if _task(record) != "spatial" or not is_multiple_choice(record):
         return 0.0
     answer = _answer(completion)
     pred = parse_choice(answer) if answer is not None else None
@@ -283,7 +283,7 @@ def mra_reward(completion: str, record: dict) -> float:
     """Numeric answer score in [0, 1]: `mra(pred, gt)` (gt == 0 -> exact match). Multiple-choice
     or non-spatial records, or malformed answers: 0.
     """
-    if _task(record) != "spatial" or _is_mc(record):
+    if _task(record) != "spatial" or is_multiple_choice(record):
         return 0.0
     answer = _answer(completion)
     pred = parse_number(answer) if answer is not None else None
@@ -294,9 +294,9 @@ def mra_reward(completion: str, record: dict) -> float:
 @_reward(0.0, 1.0, tasks=("spatial",))
 def spatial_reward(completion: str, record: dict) -> float:
     """The spatial-QA task reward in [0, 1]: accuracy for multiple-choice question types, MRA
-    for numeric ones (dispatch on `question_type`, see `_is_mc`). Non-spatial records: 0.
+    for numeric ones (dispatch on `question_type`, see `is_multiple_choice`). Non-spatial records: 0.
     """
-    if _is_mc(record):
+    if is_multiple_choice(record):
         return accuracy_reward(completion, record)
     return mra_reward(completion, record)
 
@@ -607,6 +607,107 @@ def parse_number(answer: str) -> float | None:
         return _finite_number(float(m.group(1)))
     except (ValueError, OverflowError):
         return None
+
+
+# --- lenient reading, for evaluation only ----------------------------------------------------
+# The rewards above demand the `<think>..</think><answer>..</answer>` template (R_format) and a
+# wholly valid answer. A published checkpoint (VG LLM) or a zero-shot Qwen answers without the
+# tags, usually in a Markdown fence (VG LLM's targets: "```json\n[\n\t{...},\n\t{...}\n]```"),
+# and the published evaluation scripts read such text. eval.py reads answers with the functions
+# below, so such a model is scored on its boxes / frame / option, not on the template; the
+# format rate (R_format) and every reward stay strict. Same safety as above: no eval, length and
+# nesting caps, validated numbers.
+
+
+def _first_fenced_block(text: str) -> str | None:
+    """The inside of the first ```...``` block of `text` (language tag line dropped), or None."""
+    start = text.find("```")
+    end = text.find("```", start + 3) if start >= 0 else -1
+    if end < 0:
+        return None
+    return _strip_fence(text[start:end + 3])
+
+
+def parse_answer_lenient(text: str) -> str | None:
+    """The answer text of a completion, read as the published evaluations read model output.
+
+    In order: the answer of a well-formed `<think>T</think><answer>A</answer>` (as
+    `parse_completion`); else the inside of a single `<answer>...</answer>` pair (a model that
+    skips the think part); else the inside of the first Markdown code fence (```json ... ```);
+    else the whole text. Always stripped; None only for a non-string or a text over
+    MAX_COMPLETION_CHARS. Examples: '```json\\n{"frame": 2, ...}\\n```' -> '{"frame": 2, ...}';
+    'B' -> 'B'; '<think>x</think><answer>B</answer>' -> 'B'. Not used by any reward.
+    """
+    if not isinstance(text, str) or len(text) > MAX_COMPLETION_CHARS:
+        return None
+    answer = parse_completion(text)[1]
+    if answer is not None:
+        return answer
+    s = text.strip()
+    if s.count("<answer>") == 1 and s.count("</answer>") == 1:
+        a_open, a_close = s.find("<answer>"), s.find("</answer>")
+        if a_open < a_close:
+            return s[a_open + len("<answer>"):a_close].strip()
+    fenced = _first_fenced_block(s)
+    return fenced.strip() if fenced is not None else s
+
+
+def _valid_entry(item: Any) -> dict[str, Any] | None:
+    """A detection entry {"label": non-empty str, "bbox_3d": valid box} as parse_boxes keeps it."""
+    if not isinstance(item, dict):
+        return None
+    label, bbox = item.get("label"), valid_bbox(item.get("bbox_3d"))
+    if not isinstance(label, str) or not label.strip() or bbox is None:
+        return None
+    return {"label": label, "bbox_3d": bbox}
+
+
+def _json_lines(answer: str, keys: tuple[str, ...]) -> list[Any]:
+    """Each line of `answer` naming one of `keys`, stripped of whitespace and commas, parsed
+    (parse_json); lines that do not parse are skipped. VG LLM's evaluation reads its multi-line
+    answers this way (src/lmms_eval/tasks/threedod/utils.py, threedod_process_results)."""
+    values = []
+    for line in answer.splitlines():
+        line = line.strip().strip(",")
+        if any(key in line for key in keys):
+            value = parse_json(line)
+            if value is not None:
+                values.append(value)
+    return values
+
+
+def parse_boxes_lenient(answer: str | None) -> list[dict[str, Any]]:
+    """Detection answer -> the valid boxes in it, for evaluation; [] when there are none.
+
+    `parse_boxes` when the whole answer is valid. Otherwise the valid entries are kept and the
+    invalid ones dropped: of the list if the answer parses as one, else of the lines that parse
+    on their own (VG LLM's reading: one `{"label", "bbox_3d"}` per line, so a truncated
+    multi-line answer keeps its complete lines). At most MAX_BOXES boxes.
+    """
+    if not isinstance(answer, str) or len(answer) > MAX_COMPLETION_CHARS:
+        return []
+    boxes = parse_boxes(answer)
+    if boxes is not None:
+        return boxes
+    data = parse_json(answer)
+    items = data if isinstance(data, list) else _json_lines(answer, ("bbox_3d", "label"))
+    kept = [entry for entry in map(_valid_entry, items) if entry is not None]
+    return kept[:MAX_BOXES]
+
+
+def parse_grounding_lenient(answer: str | None) -> tuple[int, list[float]] | None:
+    """Grounding answer -> (frame, box), for evaluation: `parse_grounding` of the whole answer,
+    else of its first line that names "bbox_3d" (VG LLM's reading,
+    src/lmms_eval/tasks/scanrefer/utils.py, scanrefer_process_results); None if neither parses."""
+    if not isinstance(answer, str) or len(answer) > MAX_COMPLETION_CHARS:
+        return None
+    parsed = parse_grounding(answer)
+    if parsed is not None:
+        return parsed
+    for line in answer.splitlines():
+        if "bbox_3d" in line:
+            return parse_grounding(line.strip())
+    return None
 
 
 # =============================================================================================

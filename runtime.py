@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import data
 import model as model_lib
 
 # =====================================================================================
@@ -211,6 +214,122 @@ def add_run_arguments(p, log_every: int, save_every: int) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
+def add_data_arguments(p) -> None:
+    """Where records come from and how bad ones are handled (sft.py, grpo.py, eval.py)."""
+    p.add_argument("--media-root", default=None,
+                   help="folder that relative image / video / geometry paths start from (VG LLM: data/media; "
+                        "default: the records file's folder)")
+    p.add_argument("--num-frames", type=int_at_least(1), default=None,
+                   help="frames sampled from each video of VSI-Bench rows (default 32, as VSI-Bench evaluates)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (and ones longer than --max-seq-len) and count them, "
+                        "instead of stopping at the first with its one-line error")
+    p.add_argument("--max-seq-len", type=int_at_least(1), default=None,
+                   help="longest prompt + answer in tokens, visual tokens included "
+                        "(default: the model's max_position_embeddings)")
+
+
+def add_model_arguments(p, training: bool) -> None:
+    """Precision, pixel budget and (for training) LoRA and gradient checkpointing."""
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: forward passes under bf16 autocast, fp32 master weights where they train "
+                        "(full fine-tuning), bf16 where they do not (the reference, a LoRA base)")
+    p.add_argument("--max-pixels", type=int_at_least(1), default=None,
+                   help=f"pixel budget per frame (default: the checkpoint's, capped at VG LLM's "
+                        f"{VG_LLM_MAX_PIXELS} = 576 * 28 * 28)")
+    p.add_argument("--min-pixels", type=int_at_least(1), default=None, help="smallest frame (default: the checkpoint's)")
+    if not training:
+        return
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the LLM layers' activations in the backward pass (less memory, ~30%% more time)")
+    # The paper trains spatial reasoning with LoRA (and beta = 0), perception with full fine-tuning.
+    p.add_argument("--lora-rank", type=int_at_least(0), default=0, help="LoRA rank r (0 = full fine-tuning)")
+    p.add_argument("--lora-alpha", type=number(0, above=True), default=16.0, help="LoRA scale alpha (update * alpha / r)")
+    p.add_argument("--lora-dropout", type=number(0, 1), default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--lora-targets", default=",".join(model_lib.LORA_TARGETS),
+                   help="comma-separated linear layers of the LLM's decoder layers that get adapters")
+
+
+VG_LLM_MAX_PIXELS = 576 * 28 * 28  # VG LLM trains and evaluates at 576 merged tokens per frame
+
+
+def pixel_budget(image_cfg: model_lib.ImageConfig, args) -> model_lib.ImageConfig:
+    """The image config with --min-pixels / --max-pixels applied.
+
+    Without --max-pixels the checkpoint's budget is capped at VG LLM's: Qwen2.5-VL-3B ships
+    max_pixels 12,845,056, ~1,610 visual tokens for a raw 1296 x 968 ScanNet frame, where VG LLM
+    uses 576. The toy model's budget is below the cap, so it is unchanged.
+    """
+    max_pixels = args.max_pixels if args.max_pixels is not None else min(image_cfg.max_pixels, VG_LLM_MAX_PIXELS)
+    min_pixels = args.min_pixels if args.min_pixels is not None else image_cfg.min_pixels
+    if min_pixels > max_pixels:
+        raise SystemExit(f"error: --min-pixels {min_pixels} is above the pixel budget {max_pixels}")
+    return dataclasses.replace(image_cfg, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def precision(dtype: str, device: torch.device):
+    """The context forward passes run in: bf16 autocast for --dtype bfloat16, else nothing."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def weights_dtype(args, training: bool = True) -> torch.dtype:
+    """The dtype weights are loaded in: fp32 masters for full fine-tuning (a bf16 weight cannot
+    take an update of lr 1e-6: it is below half its rounding step), bf16 for a frozen LoRA base."""
+    if args.dtype == "bfloat16" and (not training or getattr(args, "lora_rank", 0) > 0):
+        return torch.bfloat16
+    return torch.float32
+
+
+def trainable_setup(net: model_lib.RFTModel, args, train_vision: bool) -> list[torch.nn.Parameter]:
+    """LoRA, gradient checkpointing and train mode as the flags say; returns what the optimiser trains.
+
+    A checkpoint that carries adapters is a LoRA run being resumed (its adapters keep training)
+    or, for a new run, a LoRA result whose adapters are merged into the base first.
+    """
+    if model_lib.has_lora(net) and not args.resume:
+        model_lib.merge_lora(net)
+    if model_lib.has_lora(net):
+        params = model_lib.lora_parameters(net)
+    elif args.lora_rank > 0:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        params = model_lib.add_lora(net, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, seed=args.seed)
+    else:
+        params = trainable_parameters(net, train_vision)
+    if args.gradient_checkpointing:
+        model_lib.enable_gradient_checkpointing(net)
+    net.train()
+    return params
+
+
+def load_run_records(args, task: str, split: str, limit: int | None = None, quiet: bool = False) -> list[dict]:
+    """The records of one task for a script: checked, paths resolved, bad ones skipped if asked.
+
+    `--data` is a data folder (`<split>/<task>.jsonl` inside) or one published file as it is
+    (VG LLM's JSON array, VSI-Bench rows).
+    """
+    path = args.data if os.path.isfile(args.data) else os.path.join(args.data, split)
+    records, skipped = data.load_records_checked(path, task, limit, media_root=args.media_root,
+                                                 num_frames=args.num_frames, skip_bad=args.skip_bad)
+    if skipped and not quiet:
+        print(f"skipped {len(skipped)} bad {task} record(s) of {path}; the first: {skipped[0]}")
+    return records
+
+
+def fit_lengths(records: list[dict], tokenizer, image_cfg, args, max_positions: int,
+                completion_tokens: int | None = None, quiet: bool = False) -> list[dict]:
+    """Refuse (or with --skip-bad drop) records whose prompt + answer exceed --max-seq-len."""
+    limit = args.max_seq_len or max_positions
+    kept, dropped = data.check_lengths(records, tokenizer, image_cfg, limit, completion_tokens=completion_tokens,
+                                       skip_bad=args.skip_bad)
+    if dropped and not quiet:
+        print(f"skipped {len(dropped)} record(s) longer than {limit} tokens; the first: {dropped[0]}")
+    if not kept:
+        raise SystemExit(f"error: no record fits {limit} tokens")
+    return kept
+
+
 # =====================================================================================
 # Schedule and logs
 # =====================================================================================
@@ -374,7 +493,7 @@ def restore_training_state(path: str, optimizer) -> None:
 
 # Flags that may differ on --resume: bookkeeping that does not change what is computed.
 # `out` too: a run folder may be moved or copied before it is resumed.
-RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "stop_after", "no_progress", "log_every", "save_every",
+RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "gradient_checkpointing", "stop_after", "no_progress", "log_every", "save_every",
                                "eval_every", "eval_limit", "sample_every", "device", "out"})
 
 

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=os.path.normpath, default="toy",
                    help="'toy' (tiny model built from a config) or a local checkpoint folder")
     p.add_argument("--data", type=os.path.normpath, default="data/toy",
-                   help="data folder holding <split>/<task>.jsonl")
+                   help="data folder holding <split>/<task>.jsonl, or one published records file")
     p.add_argument("--split", default="train", help="split folder to train on")
     p.add_argument("--tasks", default="detection", type=evaluation.parse_tasks,
                    help="comma-separated tasks to mix: detection,grounding,spatial")
@@ -57,13 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The paper freezes the ViT (and VGGT) and trains the LLM and the geometry merger.
     p.add_argument("--train-vision", choices=["auto", "yes", "no"], default="auto",
                    help="train the ViT too: auto = yes for the random toy model, no for a checkpoint")
+    runtime.add_data_arguments(p)
+    runtime.add_model_arguments(p, training=True)
     # ---- optimisation (the paper gives no SFT hyper-parameters; these are the toy demo's)
     p.add_argument("--steps", type=at_least(1), default=2500, help="optimiser steps")
     p.add_argument("--batch-size", type=at_least(1), default=16,
                    help="global batch (records per optimiser step, all processes)")
     p.add_argument("--micro-batch", type=at_least(1), default=8,
                    help="records per forward pass (gradient accumulation)")
-    p.add_argument("--lr", type=runtime.number(0, above=True), default=3e-3, 
+    p.add_argument("--lr", type=runtime.number(0, above=True), default=3e-3,
                    help="peak learning rate (the toy model needs a large one)")
     p.add_argument("--min-lr-ratio", type=runtime.number(0, 1), default=0.05,
                    help="cosine decays to this fraction of --lr")
@@ -140,11 +142,8 @@ def train_step(net, batches: list[dict], global_tokens: float, world_size: int, 
 # =====================================================================================
 
 
-def load_training_records(args) -> list[dict]:
-    records = []
-    for task in args.tasks:
-        records += data.load_records(os.path.join(args.data, args.split), task, args.limit)
-    return records
+def load_training_records(args, quiet: bool) -> list[dict]:
+    return [r for task in args.tasks for r in runtime.load_run_records(args, task, args.split, args.limit, quiet)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime.seed_everything(args.seed)
     latest = os.path.join(args.out, "latest")  # where checkpoints go
     try:
-        records = load_training_records(args)
+        records = load_training_records(args, quiet=not proc.master)
         source = runtime.resolve_checkpoint(latest) if args.resume else args.model
         # Every setting must match the checkpoint's, --model included: the weights come from the
         # checkpoint, but --model still decides (with --train-vision auto) which parameters train.
@@ -170,13 +169,19 @@ def main(argv: list[str] | None = None) -> None:
         resume_state = runtime.read_training_state(source, vars(args)) if args.resume else None
         # On --resume the weights come from the checkpoint; otherwise from --model ("toy" builds it).
         geometry = model_lib.GEOMETRY_FLAG[args.geometry]
-        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed)
-    except (FileNotFoundError, data.RecordError, ValueError) as e:
+        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed,
+                                                         dtype=runtime.weights_dtype(args))
+        image_cfg = runtime.pixel_budget(image_cfg, args)
+        # Every record must fit the model's context (a 338 KB record once took 24 GB).
+        records = runtime.fit_lengths(records, tokenizer, image_cfg, args, quiet=not proc.master,
+                                      max_positions=net.lm.config.text_config.max_position_embeddings)
+    except (FileNotFoundError, ValueError) as e:  # data.RecordError is a ValueError
         raise SystemExit(f"error: {e}")
     net.to(proc.device)
     # The toy ViT starts random, so it must learn too; a real checkpoint's ViT stays frozen (paper).
     train_vision = args.train_vision == "yes" or (args.train_vision == "auto" and args.model == "toy")
-    params = runtime.trainable_parameters(net, train_vision)
+    # What trains: all but the ViT, or LoRA adapters (--lora-rank); optional gradient checkpointing.
+    params = runtime.trainable_setup(net, args, train_vision)
     # AdamW with beta2 = 0.95, the usual choice for language-model training (nanoGPT's too).
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         # N_answer of the module docstring: answer tokens of the whole global batch.
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         global_tokens = runtime.all_reduce_sum(local_tokens, proc)
-        loss_sum = train_step(ddp_net, batches, global_tokens, proc.world_size, proc.device)
+        with runtime.precision(args.dtype, proc.device):  # bf16 autocast for --dtype bfloat16
+            loss_sum = train_step(ddp_net, batches, global_tokens, proc.world_size, proc.device)
         # Clipping the global norm keeps one unusually large gradient from derailing a run at the
         # toy's high learning rate (with --grad-clip 0 the norm is only measured, for the log).
         max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
@@ -235,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         # first so that the checkpoint covers its log line (resuming drops and redoes later lines).
         done = step + 1
         if args.eval_every and done % args.eval_every == 0 and proc.master:
-            result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
-                                         limit=args.eval_limit, progress=False)
+            with runtime.precision(args.dtype, proc.device):
+                result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
+                                             limit=args.eval_limit, progress=False)
             logger.log({"step": step, "eval": result})
         if (args.save_every and done % args.save_every == 0) or done == end_step:
             state = {"step": done, "args": vars(args)}  # rank 0 writes; the other processes wait

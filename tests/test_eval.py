@@ -290,6 +290,6 @@ def test_toy_model_end_to_end(tmp_path):
     json.dumps(results)
     assert "detection" in ev.markdown_table(results)
     # the same records one by one give the same greedy completions as in a batch of two
-    singles = [ev.generate_completions(net, tokenizer, cfg, [r], max_new_tokens=6, progress=False)[0]
+    singles = [ev.generate_completions(net, tokenizer, cfg, [r], max_new_tokens=6, progress=False)[0][0]
                for r in ev.load_eval_records(str(tmp_path), "val", "detection", None, 0)]
     assert singles == [s["completion"] for s in m["samples"]]

@@ -234,3 +234,83 @@ def test_eval_out_is_checked_before_the_model_loads(tmp_path, monkeypatch):
     for out, message in [(tmp_path, "is a folder"), (tmp_path / "file" / "eval.json", "is a file")]:
         with pytest.raises(SystemExit, match=message):
             evaluation.main(["--data", str(tmp_path / "data"), "--out", str(out)])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad data and broken checkpoints: one line, exit 1, from the scripts themselves
+# ---------------------------------------------------------------------------------------------
+
+def spoil(folder, how: str) -> None:
+    """Damage the first record of folder/val/detection.jsonl (made by make_records) one way."""
+    import numpy as np
+    from PIL import Image
+
+    path = folder / "val" / "detection.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    box = record["boxes"][0]
+    if how == "8 numbers":
+        box["bbox_3d"] = box["bbox_3d"][:8]
+    elif how == "NaN":
+        box["bbox_3d"][0] = float("nan")
+    elif how == "negative size":
+        box["bbox_3d"][3] = -0.5
+    elif how == "integer label":
+        box["label"] = 7
+    elif how == "boxes null":
+        record["boxes"] = None
+    elif how == "missing image":
+        record["images"][0] = "frames/none.png"
+    elif how == "corrupt PNG":
+        (folder / "val" / record["images"][0]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    elif how == "3x3 image":
+        Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(folder / "val" / record["images"][0])
+    elif how == "geometry shape":
+        np.save(folder / "val" / record["geometry"], np.zeros((2, 8, 8, 4), np.float32))
+    elif how == "invalid UTF-8":
+        path.write_bytes(path.read_bytes().replace(b"chair", b"ch\xffir", 1))
+        return
+    lines[0] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+
+
+DATA_CASES = ["8 numbers", "NaN", "negative size", "integer label", "boxes null", "missing image",
+              "corrupt PNG", "3x3 image", "geometry shape", "invalid UTF-8"]
+
+
+@pytest.mark.parametrize("how", DATA_CASES)
+def test_bad_records_are_one_line_before_any_model_loads(how, tmp_path, monkeypatch):
+    import eval as evaluation
+
+    make_records(tmp_path / "val", n=2)
+    spoil(tmp_path, how)
+    monkeypatch.setattr(evaluation.model_lib, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        evaluation.main(["--data", str(tmp_path), "--no-progress"])
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "detection.jsonl" in message or "val" in message  # names the file
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "missing", "bad config"])
+def test_broken_checkpoints_are_one_line(damage, tmp_path):
+    import model
+
+    net, tokenizer, cfg = model.load_model("toy")
+    model.save_model(net, tokenizer, cfg, str(tmp_path / "ckpt"))
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    if damage == "random bytes":
+        weights.write_bytes(os.urandom(4096))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "missing":
+        weights.unlink()
+    else:
+        (tmp_path / "ckpt" / "config.json").write_text("{not json")
+    # The data folder is checked first: give it records, so that the checkpoint is what fails.
+    make_records(tmp_path / "data" / "val", n=1)
+    out = subprocess.run([PYTHON, os.path.join(ROOT, "eval.py"), "--model", str(tmp_path / "ckpt"),
+                          "--data", str(tmp_path / "data"), "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "ckpt" in lines[0], lines
