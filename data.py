@@ -9,6 +9,8 @@ A record of the project's own files (one line of `<split>/<task>.jsonl`) looks l
     {"id": "det-000012-0", "task": "detection",
      "images": ["scenes/000012/frames/003.png", ...],      # paths relative to the jsonl's folder
      "geometry": "geometry/det-000012-0.npy",             # optional: per-patch prior, (F, Hp, Wp, C)
+                                                          #   (.npy / .safetensors, or one file per frame)
+     "depths": ["scenes/000012/depth/003.png", ...],      # optional: depth maps -> 3D points prior
      "conversations": [{"from": "human", "value": "<image><image>...\nDetect the 3D ..."},
                        {"from": "gpt", "value": "[{\"label\":\"chair\",\"bbox_3d\":[...]}]"}],
      "boxes": [{"label": "chair", "bbox_3d": [x, y, z, dx, dy, dz, yaw, roll, pitch]}],  # detection
@@ -24,7 +26,8 @@ above; a video record carries `video` + `frame_indices` in place of `images`. Th
 of anything specific to the synthetic world: only the data paths change.
 
 Sections: prompt texts -> frame sampling and videos -> the record check -> published formats ->
-reading record files -> file checks -> sequence lengths -> images and geometry -> batching.
+reading record files -> file checks -> sequence lengths -> images and geometry -> geometry
+priors (feature files, resampling to the ViT grid, 3D points from depth) -> batching.
 """
 from __future__ import annotations
 
@@ -497,9 +500,64 @@ def check_record(record: Any, where: str) -> dict:
     num_frames = _check_frames(record, where)
     _check_conversations(record, where, num_frames)
     TASK_CHECKS[task](record, where, num_frames)
-    if record.get("geometry") is not None and not isinstance(record["geometry"], str):
-        raise RecordError(f"{where}: 'geometry' must be a path, got {_kind(record['geometry'])}")
+    _check_geometry_keys(record, where, num_frames)
     return record
+
+
+def check_intrinsics(value: Any, what: str, where: str) -> None:
+    """A pinhole intrinsics matrix: 3x3 or 4x4 (VG LLM's cam2img) finite numbers, fx and fy > 0."""
+    try:
+        matrix = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RecordError(f"{where}: {what} must be a 3x3 or 4x4 intrinsics matrix of numbers") from None
+    if matrix.shape not in ((3, 3), (4, 4)):
+        raise RecordError(f"{where}: {what} must be a 3x3 or 4x4 intrinsics matrix, got shape {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise RecordError(f"{where}: {what} holds non-finite values")
+    if not (matrix[0, 0] > 0 and matrix[1, 1] > 0):
+        raise RecordError(f"{where}: {what} has focal lengths fx={matrix[0, 0]}, fy={matrix[1, 1]}; both must be > 0")
+
+
+def _check_paths(value: Any, key: str, where: str, num_frames: int) -> None:
+    """A list of non-empty path strings, one per frame."""
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise RecordError(f"{where}: '{key}' must be a list of paths, one per frame, got {_kind(value)}")
+    if len(value) != num_frames:
+        raise RecordError(f"{where}: '{key}' lists {len(value)} files for {num_frames} images")
+
+
+def _check_geometry_keys(record: dict, where: str, num_frames: int) -> None:
+    """The geometry prior's keys (this file's section "Geometry priors"), all optional.
+
+    geometry: a features file for the record, or a list of per-frame files; geometry_source:
+    which grid the features are on (GEOMETRY_SOURCES; default: told by the grid); depths: one
+    depth map per frame, which then needs cam2img (+ optional depth_cam2img) and one cam2global
+    pose per frame.
+    """
+    geometry = record.get("geometry")
+    if geometry is not None and not isinstance(geometry, str):
+        if not isinstance(geometry, list):
+            raise RecordError(f"{where}: 'geometry' must be a path (or a list of per-frame paths), "
+                              f"got {_kind(geometry)}")
+        _check_paths(geometry, "geometry", where, num_frames)
+    source = record.get("geometry_source")
+    if source is not None and source not in GEOMETRY_SOURCES:
+        raise RecordError(f"{where}: geometry_source is {source!r}; it must be one of {GEOMETRY_SOURCES}")
+    if record.get("depths") is None:
+        return
+    _check_paths(record["depths"], "depths", where, num_frames)
+    missing = [key for key in ("cam2img", "cam2global") if record.get(key) is None]
+    if missing:
+        raise RecordError(f"{where}: 'depths' needs {missing} (intrinsics and one camera pose per frame) "
+                          "to back-project the depth maps")
+    check_intrinsics(record["cam2img"], "cam2img", where)
+    if record.get("depth_cam2img") is not None:
+        check_intrinsics(record["depth_cam2img"], "depth_cam2img", where)
+    poses = record["cam2global"]
+    if not isinstance(poses, list) or len(poses) != num_frames:
+        raise RecordError(f"{where}: 'cam2global' needs one 4x4 pose per image ({num_frames})")
+    for i, pose in enumerate(poses):
+        check_matrix(pose, f"cam2global[{i}]", where)
 
 
 # =====================================================================================
@@ -767,9 +825,10 @@ def resolve(record: dict, relative: str) -> str:
 
 
 def _absolute_paths(record: dict) -> None:
-    """Make the record's image, video and geometry paths absolute (they start at `_root`)."""
-    if isinstance(record.get("images"), list):
-        record["images"] = [resolve(record, p) for p in record["images"]]
+    """Make the record's image, video, geometry and depth paths absolute (they start at `_root`)."""
+    for key in ("images", "geometry", "depths"):
+        if isinstance(record.get(key), list):
+            record[key] = [resolve(record, p) for p in record[key]]
     for key in ("video", "geometry"):
         if isinstance(record.get(key), str) and record[key]:
             record[key] = resolve(record, record[key])
@@ -814,17 +873,12 @@ def load_records_checked(path: str, task: str | None = None, limit: int | None =
     stem = os.path.splitext(os.path.basename(file))[0]
     task = task if task is not None else (stem if stem in TASKS else None)
     root = os.path.abspath(media_root if media_root is not None else os.path.dirname(os.path.abspath(file)))
+    def read(numbered: tuple[int, tuple[str, Any]]) -> dict:
+        index, (where, row) = numbered
+        return read_record(row, where, root, task, num_frames, f"{stem}-{index}", check_files, min_side)
+
     records, skipped = [], []
-    for index, (where, row) in enumerate(iter_rows(file)):
-        try:
-            record = read_record(row, where, root, task, num_frames, f"{stem}-{index}", check_files, min_side)
-        except MissingDependency:
-            raise  # every record would fail the same way: not a record's fault
-        except (RecordError, FileNotFoundError) as e:
-            if not skip_bad:
-                raise
-            skipped.append(str(e))
-            continue
+    for record in good_ones(enumerate(iter_rows(file)), read, skip_bad, skipped):
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
@@ -870,8 +924,21 @@ def load_records(path: str, task: str | None = None, limit: int | None = None,
 MIN_IMAGE_SIDE = 28
 MAX_ASPECT_RATIO = 200  # smart_resize's other limit: a longer side over 200x the shorter one
 
-_IMAGE_HW: dict[tuple, tuple[int, int] | str] = {}
-_GEOMETRY: dict[tuple, tuple[int, ...] | str] = {}
+# (kind, path, mtime, size) -> a file's checked header, or the one-line reason it is bad: every
+# image, depth map and geometry file a record names is opened once per process (thousands of
+# records share frames), and again only when the file has changed.
+_HEADERS: dict[tuple, Any] = {}
+
+
+def _checked_header(path: str, kind: str, read: Callable[[str], Any]) -> Any:
+    """`read(path)` once per file version; its str result (what is wrong) raises RecordError."""
+    info = _stat(path, kind)
+    key = (kind, path, info.st_mtime_ns, info.st_size)
+    if key not in _HEADERS:
+        _HEADERS[key] = read(path)
+    if isinstance(_HEADERS[key], str):
+        raise RecordError(_HEADERS[key])
+    return _HEADERS[key]
 
 
 def _read_image_header(path: str) -> tuple[int, int] | str:
@@ -893,42 +960,160 @@ def image_hw(path: str) -> tuple[int, int]:
 
     Example: a 112 x 112 PNG -> (112, 112); a text file named .png -> RecordError.
     """
-    info = _stat(path, "image")
-    key = (path, info.st_mtime_ns, info.st_size)
-    if key not in _IMAGE_HW:
-        _IMAGE_HW[key] = _read_image_header(path)
-    result = _IMAGE_HW[key]
-    if isinstance(result, str):
-        raise RecordError(result)
-    return result
+    return _checked_header(path, "image", _read_image_header)
 
 
-def _read_geometry_shape(path: str) -> tuple[int, ...] | str:
-    """The shape of a (frames, Hp, Wp, C) geometry .npy with finite values, or what is wrong."""
+def _finite(arrays) -> bool:
+    """Whether every array of an iterable holds only finite values (one at a time in memory)."""
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+def _read_npy_header(path: str) -> tuple[str, tuple] | str:
+    """("array", shape) of a finite numeric .npy, or what is wrong with it."""
     try:
         prior = np.load(path, mmap_mode="r")  # a memory map: only the header is read here
     except Exception as e:  # not an .npy, pickled objects, truncated: all unreadable
         return f"geometry {path} is not a readable .npy ({_one_line(e)})"
-    if prior.ndim != 4:
-        return f"geometry {path} has shape {tuple(prior.shape)}; it must be (frames, Hp, Wp, C)"
-    if not np.issubdtype(prior.dtype, np.number):
+    if prior.dtype.kind not in "fiu":  # real numbers (not bool, complex, strings or objects)
         return f"geometry {path} has dtype {prior.dtype}, not numbers"
     # One frame at a time, so a large prior never sits in memory whole.
-    if not all(np.isfinite(frame).all() for frame in prior):
+    if not _finite(prior if prior.ndim == 4 else [prior]):
         return f"geometry {path} holds non-finite values (NaN or Inf)"
-    return tuple(prior.shape)
+    return "array", tuple(prior.shape)
+
+
+def _frame_keys(keys: Sequence[str]) -> list[str] | None:
+    """The tensor names of a per-frame safetensors file in frame order ("0", "1", ... or "000", ...),
+    or None if the names are not exactly the frame numbers 0..F-1."""
+    if not keys or not all(k.isdigit() for k in keys):
+        return None
+    ordered = sorted(keys, key=int)
+    return ordered if [int(k) for k in ordered] == list(range(len(keys))) else None
+
+
+def _read_safetensors_header(path: str) -> tuple[str, tuple] | str:
+    """("array", shape) for one tensor, ("frames", (shape, ...)) for one tensor per frame (keys
+    "0", "1", ...), with every value checked finite; or what is wrong with the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            frame_keys = _frame_keys(keys)
+            if len(keys) != 1 and frame_keys is None:
+                return (f"geometry {path} holds tensors {sorted(keys)[:4]}{'...' if len(keys) > 4 else ''}: "
+                        f"give one tensor (frames, Hp, Wp, C) or one (Hp, Wp, C) tensor per frame named 0, 1, ...")
+            order = keys if frame_keys is None else frame_keys
+            shapes = []
+            for key in order:
+                tensor = f.get_slice(key)
+                shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+                if dtype == "BOOL" or dtype.startswith("C"):  # booleans, complex numbers
+                    return f"geometry {path}: tensor {key!r} has dtype {dtype}, not numbers"
+                # Frame by frame (a slice reads only its bytes), so a large prior never sits in memory whole.
+                frames = (tensor[i] for i in range(shape[0])) if len(shape) == 4 else [tensor[:]]
+                if not all(torch.isfinite(t.float()).all() for t in frames):
+                    return f"geometry {path}: tensor {key!r} holds non-finite values (NaN or Inf)"
+                shapes.append(shape)
+    except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+        return f"geometry {path} is not a readable .safetensors file ({_one_line(e)})"
+    if frame_keys is None:
+        return "array", shapes[0]
+    return "frames", tuple(shapes)
+
+
+def _read_geometry_header(path: str) -> tuple[str, tuple] | str:
+    if path.endswith(".safetensors"):
+        return _read_safetensors_header(path)
+    return _read_npy_header(path)
+
+
+def geometry_header(path: str) -> tuple[str, tuple]:
+    """What a checked geometry file holds: ("array", shape) or ("frames", shapes); cached by
+    (path, mtime, size). RecordError (bad) or FileNotFoundError (missing), one line naming it."""
+    return _checked_header(path, "geometry", _read_geometry_header)
 
 
 def geometry_shape(path: str) -> tuple[int, ...]:
-    """The checked shape (frames, Hp, Wp, C) of a geometry file; cached. RecordError if bad."""
-    info = _stat(path, "geometry")
-    key = (path, info.st_mtime_ns, info.st_size)
-    if key not in _GEOMETRY:
-        _GEOMETRY[key] = _read_geometry_shape(path)
-    result = _GEOMETRY[key]
-    if isinstance(result, str):
-        raise RecordError(result)
-    return result
+    """The checked shape (frames, Hp, Wp, C) of a record-level geometry file; cached. RecordError if bad."""
+    kind, shapes = geometry_header(path)
+    if kind == "frames":
+        if len(set(shapes)) != 1 or len(shapes[0]) != 3:
+            raise RecordError(f"geometry {path}: its per-frame tensors must all be (Hp, Wp, C) of one shape, "
+                              f"got {list(shapes)}")
+        return (len(shapes), *shapes[0])
+    if len(shapes) != 4:
+        raise RecordError(f"geometry {path} has shape {shapes}; it must be (frames, Hp, Wp, C)")
+    return shapes
+
+
+def _geometry_paths(record: dict) -> list[str]:
+    """The record's geometry files: one for the record, or one per frame."""
+    geometry = record["geometry"]
+    return [resolve(record, p) for p in ([geometry] if isinstance(geometry, str) else geometry)]
+
+
+def geometry_frame_shapes(record: dict) -> list[tuple[int, int, int]]:
+    """(Hp, Wp, C) of the record's geometry features, one per frame, from checked file headers.
+
+    A record-level file must hold one frame per image; each file of a per-frame list one frame,
+    (Hp, Wp, C) or (1, Hp, Wp, C). All frames must have the same C. Raises RecordError.
+    """
+    num_frames = record_num_frames(record)
+    shapes = []
+    if isinstance(record["geometry"], str):
+        path = _geometry_paths(record)[0]
+        shape = geometry_shape(path)
+        if shape[0] != num_frames:
+            raise RecordError(f"geometry {path} has {shape[0]} frames for {num_frames} images")
+        shapes = [tuple(shape[1:])] * num_frames
+    else:
+        for path in _geometry_paths(record):
+            kind, held = geometry_header(path)
+            if kind == "frames" and len(held) == 1:
+                held = held[0]
+            elif kind == "frames":
+                raise RecordError(f"geometry {path} holds {len(held)} frames; a per-frame file holds one")
+            if len(held) == 4 and held[0] == 1:
+                held = held[1:]
+            if len(held) != 3:
+                raise RecordError(f"geometry {path} has shape {held}; a per-frame file must be (Hp, Wp, C)")
+            shapes.append(tuple(held))
+    if any(min(shape) < 1 for shape in shapes):
+        raise RecordError(f"geometry {_geometry_paths(record)[0]}: empty feature grid {shapes[0]}")
+    if len({shape[2] for shape in shapes}) > 1:
+        raise RecordError(f"geometry of {num_frames} frames with different feature sizes "
+                          f"{sorted({shape[2] for shape in shapes})}: every frame needs the same C")
+    return shapes
+
+
+def _read_depth_header(path: str) -> tuple[int, int] | str:
+    """(height, width) of a depth map: a 16/32-bit integer PNG (millimetres) or a 2-D .npy (metres)."""
+    if path.endswith(".npy"):
+        try:
+            depth = np.load(path, mmap_mode="r")
+        except Exception as e:
+            return f"depth {path} is not a readable .npy ({_one_line(e)})"
+        if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+            return f"depth {path} has shape {tuple(depth.shape)} and dtype {depth.dtype}; it must be (H, W) numbers"
+        return tuple(depth.shape)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height, mode = *image.size, image.mode
+            image.verify()
+    except Exception as e:
+        return f"depth {path} is not a readable image ({_one_line(e)})"
+    if not mode.startswith("I"):
+        return (f"depth {path} is a {mode} image; a depth PNG holds 16-bit millimetres "
+                "(ScanNet's convention), a .npy float metres")
+    return height, width
+
+
+def depth_hw(path: str) -> tuple[int, int]:
+    """(height, width) of a checked depth map; cached like images. RecordError if bad."""
+    return _checked_header(path, "depth", _read_depth_header)
 
 
 def _at(where: str, read: Callable, *args):
@@ -956,7 +1141,9 @@ def check_record_files(record: dict, where: str, min_side: int = MIN_IMAGE_SIDE)
     """Every file a (checked, absolute-path) record names exists and is usable; else one line.
 
     Images: a file, readable by PIL, each side >= min_side. A video: readable by PyAV, with the
-    sampled frames inside it. Geometry: a finite (frames, Hp, Wp, C) array, one frame per image.
+    sampled frames inside it. Geometry: finite (Hp, Wp, C) features for every image (one file or
+    one per frame, .npy or .safetensors); its grid is checked against the image patch grid once
+    the image config is known (`check_lengths`). Depth maps: readable, 16-bit PNG or 2-D .npy.
     """
     num_frames = record_num_frames(record)
     if record.get("video") is not None:
@@ -971,9 +1158,9 @@ def check_record_files(record: dict, where: str, min_side: int = MIN_IMAGE_SIDE)
         height, width = _at(where, image_hw, path)
         _check_side(height, width, f"image {path}", where, min_side)
     if record.get("geometry"):
-        shape = _at(where, geometry_shape, record["geometry"])
-        if shape[0] != num_frames:
-            raise RecordError(f"{where}: geometry {record['geometry']} has {shape[0]} frames for {num_frames} images")
+        _at(where, geometry_frame_shapes, record)
+    for path in record.get("depths") or []:
+        _at(where, depth_hw, resolve(record, path))
 
 
 # =====================================================================================
@@ -1016,13 +1203,31 @@ def sequence_length(record: dict, tokenizer, image_cfg, completion_tokens: int |
 
 
 def _check_geometry_grid(record: dict, image_cfg) -> None:
-    """A geometry prior's (Hp, Wp) must be the patch grid each frame is resized to."""
-    shape = geometry_shape(resolve(record, record["geometry"]))
-    p, m = image_cfg.patch_size, image_cfg.merge_size
-    for h, w in frame_sizes(record):
-        grid = tuple(s // p for s in fit_image_size(h, w, p * m, image_cfg.min_pixels, image_cfg.max_pixels))
-        if tuple(shape[1:3]) != grid:
-            raise RecordError(f"geometry grid {tuple(shape[1:3])} does not match the image patch grid {grid}")
+    """The record's prior, from file headers, against the model's need and each frame's patch grid.
+
+    Features: C must be the model's (image_cfg.geometry_dim, when known) and each frame's grid
+    one that `geometry_source` recognises (resampled at batch time). Depth maps: the model must
+    take 3 or 4 features. A model that needs a prior refuses a record without one. Nothing is
+    checked for a model without a prior (geometry_dim 0): the files are not read.
+    """
+    dim = _needed_dim(image_cfg)
+    if dim == 0:
+        return
+    if record.get("geometry"):
+        shapes = geometry_frame_shapes(record)
+        _check_feature_size(shapes[0][2], dim, _geometry_paths(record)[0])
+        for (h, w), (hf, wf, _) in zip(frame_sizes(record), shapes):
+            geometry_source((hf, wf), (h, w), vit_grid(h, w, image_cfg), image_cfg.merge_size,
+                            record.get("geometry_source"))
+    elif record.get("depths") and dim:
+        if dim not in DEPTH_FEATURES:
+            raise RecordError(f"no 'geometry' features, and 3D points from its 'depths' give "
+                              f"{' or '.join(map(str, DEPTH_FEATURES))} features per patch, but the model's "
+                              f"geometry merger takes {dim}")
+        for path in record["depths"]:
+            depth_hw(resolve(record, path))
+    elif dim:
+        raise _missing_prior(dim)
 
 
 def check_lengths(records: Sequence[dict], tokenizer, image_cfg, max_seq_len: int,
@@ -1030,29 +1235,42 @@ def check_lengths(records: Sequence[dict], tokenizer, image_cfg, max_seq_len: in
     """Records whose batch row fits `max_seq_len` tokens: (kept, messages of the others).
 
     Call it once the tokenizer is loaded; sizes come from file headers, so nothing is decoded.
-    It also checks each geometry prior against the image patch grid (both need image_cfg).
+    It also checks each record's geometry prior against the model's need and the image patch
+    grid (`_check_geometry_grid`; both need image_cfg, whose geometry_dim model.load_model sets).
     Without `skip_bad` the first record that does not fit raises RecordError naming its file and
     line. Example: `records, dropped = check_lengths(records, tok, cfg, 4096, skip_bad=True)`.
     """
-    kept, messages = [], []
-    for record in records:
+    def fits(record: dict) -> dict:
         where = record.get("_where", f"record {record.get('id')}")
+        length = _at(where, sequence_length, record, tokenizer, image_cfg, completion_tokens)
+        if length > max_seq_len:
+            raise RecordError(f"{where}: {length} tokens (prompt, visual tokens, answer or budget) "
+                              f"do not fit max_seq_len {max_seq_len}")
+        _at(where, _check_geometry_grid, record, image_cfg)
+        return record
+
+    messages: list[str] = []
+    kept = list(good_ones(records, fits, skip_bad, messages))
+    return kept, messages
+
+
+def good_ones(items, check: Callable[[Any], Any], skip_bad: bool, skipped: list[str]) -> Iterator[Any]:
+    """`check(item)` for each item; a bad one (RecordError, FileNotFoundError) raises, or with
+    `skip_bad` is left out and its one-line message appended to `skipped`. A missing optional
+    dependency always raises: every record would fail the same way, not a record's fault.
+    Example: list(good_ones([1, "x"], int_or_bad, True, msgs)) -> [1], msgs == ["x is bad"].
+    """
+    for item in items:
         try:
-            length = _at(where, sequence_length, record, tokenizer, image_cfg, completion_tokens)
-            if length > max_seq_len:
-                raise RecordError(f"{where}: {length} tokens (prompt, visual tokens, answer or budget) "
-                                  f"do not fit max_seq_len {max_seq_len}")
-            if record.get("geometry"):
-                _at(where, _check_geometry_grid, record, image_cfg)
+            result = check(item)
         except MissingDependency:
             raise
         except (RecordError, FileNotFoundError) as e:
             if not skip_bad:
                 raise
-            messages.append(str(e))
+            skipped.append(str(e))
             continue
-        kept.append(record)
-    return kept, messages
+        yield result
 
 
 # =====================================================================================
@@ -1120,6 +1338,308 @@ def geometry_to_tokens(geometry: np.ndarray, grids: torch.Tensor, merge: int) ->
 
 
 # =====================================================================================
+# Geometry priors: precomputed features on a known grid, resampled; 3D points from depth
+# =====================================================================================
+# The prior is fused per ViT patch, so each frame's features must end up on that frame's ViT
+# patch grid (grid_h, grid_w), i.e. image_grid_thw after Qwen's resize at the model's pixel
+# budget. A record brings them in one of two ways (docs/DESIGN.md, "Records and prompts"):
+#
+# * `geometry`: precomputed features, C per patch. One file for the record, or a list of
+#   per-frame files. A .npy holds (frames, Hp, Wp, C) (a per-frame file (Hp, Wp, C) or
+#   (1, Hp, Wp, C)); a .safetensors holds one tensor under any name, of those shapes, or one
+#   (Hp, Wp, C) tensor per frame named by the frame number "0", "1", ... (zero-padding allowed).
+#   Any numeric dtype (bf16 included); read as float32; every value must be finite.
+# * `depths`: one depth map per frame (a 16-bit PNG in millimetres, ScanNet's convention, or a
+#   2-D float .npy in metres; 0 or non-finite = no measurement) with the record's `cam2img`
+#   intrinsics (`depth_cam2img` when the depth camera differs; otherwise cam2img scaled to the
+#   depth map's size) and `cam2global` poses: `depth_points` makes the per-patch mean 3D point in
+#   the first frame's camera (scenes.py's prior). Used when a record has no `geometry` and the
+#   model's merger takes 3 features (x, y, z) or 4 (x, y, z, share of the patch with depth).
+#
+# The resampling rule. Each source grid covers a known part of the frame: its footprint, the
+# frame's extent [a, a + b) in feature cells along each axis. A ViT patch centre at frame
+# fraction t (= (i + 0.5) / grid_h) reads the feature grid at cell coordinate a + t * b, i.e.
+# cell-centre index a + t * b - 0.5, bilinearly between the two nearest cells and clamped to the
+# border cells: for a footprint covering the whole grid this is exactly
+# F.interpolate(mode="bilinear", align_corners=False), what resizing the image does (tested),
+# and the identity when the grids match. The grids recognised, in this order (`geometry_source`
+# names one and skips the guess):
+#
+#   vit        the ViT patch grid itself: no resampling
+#   vggt_crop  VGGT's load_and_preprocess_images(mode="crop"): width 518, height
+#              round(H * 518 / W / 14) * 14, patch 14 -> (that / 14, 37); the whole frame (a
+#              frame so tall that VGGT crops its height is not covered: refused)
+#   vgllm      VG LLM's inputs: that crop-mode image cut at its top-left to multiples of
+#              patch 14 x merge 2 (its Qwen input) -> (rows // 2 * 2, 36); the right and bottom
+#              strips VGGT saw but the grid lacks read the border cells
+#   vggt_pad   VGGT's mode="pad": the longer side 518, the other padded to 518 -> (37, 37),
+#              the frame centred inside it (the padding is never read)
+#   frame      any grid, taken to cover the whole frame (e.g. features made at another pixel
+#              budget); only when a record names it
+#
+# Example: a 640 x 480 frame, VGGT crop mode -> 28 x 37 features; at Qwen2.5-VL's default budget
+# the ViT grid is 34 x 46, so each of the 34 x 46 patches reads the 28 x 37 grid bilinearly.
+# A grid that is none of these (e.g. features of the wrong frames or a wrong size) is refused,
+# as are a wrong frame count and non-finite values.
+
+GEOMETRY_SOURCES = ("vit", "vggt_crop", "vgllm", "vggt_pad", "frame")
+VGGT_SIZE, VGGT_PATCH = 518, 14  # VGGT-1B's input width and patch size
+DEPTH_PNG_SCALE = 1000.0  # depth PNG units per metre: millimetres (ScanNet, the synthetic world)
+DEPTH_FEATURES = (3, 4)  # what depth_points makes: (x, y, z) or (x, y, z, valid share)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Where a feature grid sits on its frame: the frame spans cells [a, a + b) of each axis."""
+
+    grid: tuple[int, int]  # (Hf, Wf) the source makes for this frame
+    span_y: tuple[float, float]  # (a, b) along the rows
+    span_x: tuple[float, float]  # (a, b) along the columns
+
+
+def vit_grid(height: int, width: int, image_cfg) -> tuple[int, int]:
+    """The ViT patch grid (grid_h, grid_w) of a frame after Qwen's resize (image_grid_thw[1:])."""
+    p, m = image_cfg.patch_size, image_cfg.merge_size
+    h, w = fit_image_size(height, width, p * m, image_cfg.min_pixels, image_cfg.max_pixels)
+    return h // p, w // p
+
+
+def _vggt_resize(height: int, width: int, pad: bool) -> tuple[int, int]:
+    """(height, width) VGGT's load_and_preprocess_images resizes a frame to, before crop or pad."""
+    if pad and height > width:
+        return VGGT_SIZE, round(width * (VGGT_SIZE / height) / VGGT_PATCH) * VGGT_PATCH
+    return round(height * (VGGT_SIZE / width) / VGGT_PATCH) * VGGT_PATCH, VGGT_SIZE
+
+
+def source_footprint(source: str, frame_hw: tuple[int, int], grid: tuple[int, int], merge: int,
+                     feature_hw: tuple[int, int] | None = None) -> Footprint | None:
+    """The grid `source` (GEOMETRY_SOURCES) makes for a frame of frame_hw and where it lies, or
+    None if that source cannot have made features covering this frame.
+
+    `grid` is the frame's ViT grid; `feature_hw` is needed for "frame" (any grid). Example:
+    source_footprint("vggt_crop", (480, 640), (34, 46), 2) -> grid (28, 37), spans (0, 28), (0, 37).
+    """
+    height, width = frame_hw
+    cell = VGGT_PATCH
+    if source == "vit":
+        return Footprint(tuple(grid), (0.0, float(grid[0])), (0.0, float(grid[1])))
+    if source == "frame":
+        hf, wf = feature_hw
+        return Footprint((hf, wf), (0.0, float(hf)), (0.0, float(wf)))
+    if source in ("vggt_crop", "vgllm"):
+        nh, nw = _vggt_resize(height, width, pad=False)
+        if nh > VGGT_SIZE or nh < cell:  # VGGT centre-crops the height: the frame is not covered
+            return None
+        rows, cols = nh // cell, nw // cell
+        if source == "vgllm":
+            rows, cols = rows // merge * merge, cols // merge * merge
+        return Footprint((rows, cols), (0.0, nh / cell), (0.0, nw / cell))
+    if source == "vggt_pad":
+        nh, nw = _vggt_resize(height, width, pad=True)
+        n = VGGT_SIZE // cell
+        return Footprint((n, n), (((VGGT_SIZE - nh) // 2) / cell, nh / cell),
+                         (((VGGT_SIZE - nw) // 2) / cell, nw / cell))
+    raise ValueError(f"unknown geometry source {source!r} (one of {GEOMETRY_SOURCES})")
+
+
+def geometry_source(feature_hw: tuple[int, int], frame_hw: tuple[int, int], grid: tuple[int, int],
+                    merge: int, declared: str | None = None) -> tuple[str, Footprint]:
+    """Which source made features of grid feature_hw for this frame, and their footprint.
+
+    `declared` (a record's geometry_source) is checked; otherwise the sources are tried in the
+    order of GEOMETRY_SOURCES, "frame" excluded. RecordError naming both grids if none fits.
+    Example: (28, 37) on a 480 x 640 frame -> ("vggt_crop", ...); (34, 46) -> ("vit", ...).
+    """
+    feature_hw, grid = tuple(feature_hw), tuple(grid)
+    for source in [declared] if declared else GEOMETRY_SOURCES[:-1]:
+        footprint = source_footprint(source, frame_hw, grid, merge, feature_hw)
+        if footprint is not None and footprint.grid == feature_hw:
+            return source, footprint
+    height, width = frame_hw
+    if declared:
+        footprint = source_footprint(declared, frame_hw, grid, merge, feature_hw)
+        made = "none (VGGT's crop mode cuts this frame's height)" if footprint is None else footprint.grid
+        raise RecordError(f"geometry grid {feature_hw} is not what geometry_source {declared!r} makes "
+                          f"for a {width} x {height} frame: {made}")
+    known = {s: source_footprint(s, frame_hw, grid, merge) for s in ("vggt_crop", "vgllm", "vggt_pad")}
+    vggt = ", ".join(f"{f.grid} {s}" for s, f in known.items() if f is not None)
+    raise RecordError(f"geometry grid {feature_hw} does not match the image patch grid {grid} nor VGGT's "
+                      f"grids for this {width} x {height} frame ({vggt}); features that cover the whole "
+                      f"frame on another grid need \"geometry_source\": \"frame\"")
+
+
+def _axis_samples(n_out: int, n_in: int, span: tuple[float, float]):
+    """Bilinear taps along one axis: (lower index, upper index, upper weight) per output cell."""
+    a, b = span
+    position = a + (np.arange(n_out) + 0.5) * (b / n_out) - 0.5  # cell-centre index in the source
+    position = np.clip(position, 0, n_in - 1)  # border cells beyond the edge, as align_corners=False
+    low = np.floor(position).astype(np.int64)
+    return low, np.minimum(low + 1, n_in - 1), (position - low).astype(np.float32)
+
+
+def resample_geometry(features: np.ndarray, grid: tuple[int, int], span_y: tuple[float, float] | None = None,
+                      span_x: tuple[float, float] | None = None) -> np.ndarray:
+    """Features (Hf, Wf, C) -> (grid_h, grid_w, C) at the ViT patch centres, bilinear (rule above).
+
+    Without spans the features cover the whole frame: the same numbers as
+    F.interpolate(features, grid, mode="bilinear", align_corners=False). Matching grids with the
+    whole-frame spans give the features back unchanged. Example: a 2 x 2 grid [[0, 1], [2, 3]] to
+    4 x 4 -> first row [0, 0.25, 0.75, 1].
+    """
+    hf, wf, _ = features.shape
+    span_y = (0.0, float(hf)) if span_y is None else tuple(map(float, span_y))
+    span_x = (0.0, float(wf)) if span_x is None else tuple(map(float, span_x))
+    if (hf, wf) == tuple(grid) and span_y == (0.0, float(hf)) and span_x == (0.0, float(wf)):
+        return features
+    y0, y1, wy = _axis_samples(grid[0], hf, span_y)
+    x0, x1, wx = _axis_samples(grid[1], wf, span_x)
+    f = np.asarray(features, dtype=np.float32)
+    rows = f[y0] * (1 - wy)[:, None, None] + f[y1] * wy[:, None, None]  # (grid_h, Wf, C)
+    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+def _geometry_arrays(path: str) -> list[np.ndarray]:
+    """The frames (Hp, Wp, C) float32 of one checked geometry file, in order."""
+    kind, held = geometry_header(path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            order = _frame_keys(keys) if kind == "frames" else keys
+            tensors = [f.get_tensor(k).float().numpy() for k in order]
+    else:
+        tensors = [np.load(path)]
+    if kind == "array":
+        tensors = list(tensors[0]) if tensors[0].ndim == 4 else tensors
+    return [np.asarray(t, dtype=np.float32) for t in tensors]
+
+
+def load_geometry_frames(record: dict) -> list[np.ndarray]:
+    """A record's geometry features, one (Hp, Wp, C) float32 array per frame, files checked first."""
+    geometry_frame_shapes(record)  # frame count, shapes, finite values: one line if wrong
+    frames = []
+    for path in _geometry_paths(record):
+        frames += _geometry_arrays(path)
+    return frames
+
+
+def read_depth(path: str) -> np.ndarray:
+    """A depth map in metres (H, W) float64, NaN where there is no measurement (0 or non-finite).
+
+    16-bit PNG: millimetres (divided by DEPTH_PNG_SCALE); .npy: metres.
+    """
+    depth_hw(path)  # checked: readable, 16-bit or 2-D
+    if path.endswith(".npy"):
+        depth = np.load(path).astype(np.float64)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            depth = np.asarray(image, dtype=np.float64) / DEPTH_PNG_SCALE
+    return np.where(np.isfinite(depth) & (depth > 0), depth, np.nan)
+
+
+def _pinhole(matrix: Any, scale_x: float = 1.0, scale_y: float = 1.0) -> tuple[float, float, float, float]:
+    """(fx, fy, cx, cy) of a 3x3 / 4x4 intrinsics matrix, for an image scaled by (scale_x, scale_y)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return m[0, 0] * scale_x, m[1, 1] * scale_y, m[0, 2] * scale_x, m[1, 2] * scale_y
+
+
+def depth_points(record: dict, frame_hw: Sequence[tuple[int, int]], grids: Sequence[tuple[int, int]],
+                 dim: int = 3) -> list[np.ndarray]:
+    """Per-patch mean 3D points of each frame in the first frame's camera, on the ViT grids.
+
+    Every depth pixel (u, v), centre (u + 0.5, v + 0.5) as in scenes.py, with depth z is
+    back-projected, x = (u + 0.5 - cx) / fx * z, y likewise, moved by
+    inverse(cam2global[0]) @ cam2global[f] into the first camera, and averaged over the ViT
+    patch its centre falls in (the patch covers the same share of the depth map as of the
+    frame). Pixels without depth are left out; a patch with none is (0, 0, 0). With dim 4 the
+    fourth feature is the share of the patch's pixels with depth (1 for a full patch: scenes.py's
+    (x, y, z, 1)). Intrinsics: `depth_cam2img` if given, else `cam2img` scaled from the frame's
+    size (frame_hw) to the depth map's. Returns one float32 (grid_h, grid_w, dim) per frame.
+    Example: a flat wall 2 m away, identity poses -> z = 2 in every patch.
+    """
+    if dim not in DEPTH_FEATURES:
+        raise RecordError(f"3D points from 'depths' give {' or '.join(map(str, DEPTH_FEATURES))} features per "
+                          f"patch, but the model's geometry merger takes {dim}")
+    poses = [np.asarray(p, dtype=np.float64) for p in record["cam2global"]]
+    to_first = np.linalg.inv(poses[0])
+    out = []
+    for path, (height, width), (gh, gw), pose in zip(record["depths"], frame_hw, grids, poses):
+        depth = read_depth(resolve(record, path))
+        hd, wd = depth.shape
+        if record.get("depth_cam2img") is not None:
+            fx, fy, cx, cy = _pinhole(record["depth_cam2img"])
+        else:
+            fx, fy, cx, cy = _pinhole(record["cam2img"], wd / width, hd / height)
+        v, u = np.mgrid[0:hd, 0:wd].astype(np.float64) + 0.5
+        camera = np.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], -1)
+        transform = to_first @ pose
+        points = camera @ transform[:3, :3].T + transform[:3, 3]
+        # The ViT patch of each depth pixel's centre.
+        rows = np.floor((np.arange(hd) + 0.5) * gh / hd).astype(np.int64)
+        cols = np.floor((np.arange(wd) + 0.5) * gw / wd).astype(np.int64)
+        patch = rows[:, None] * gw + cols[None, :]
+        valid = np.isfinite(depth)
+        n = gh * gw
+        count = np.bincount(patch[valid], minlength=n)
+        sums = np.stack([np.bincount(patch[valid], weights=points[..., k][valid], minlength=n)
+                         for k in range(3)], -1)
+        features = sums / np.maximum(count, 1)[:, None]
+        if dim == 4:
+            total = np.bincount(patch.ravel(), minlength=n)
+            features = np.concatenate([features, (count / np.maximum(total, 1))[:, None]], -1)
+        out.append(features.reshape(gh, gw, dim).astype(np.float32))
+    return out
+
+
+def _needed_dim(image_cfg) -> int | None:
+    """Features per patch the model's geometry merger takes (ImageConfig.geometry_dim, set by
+    model.load_model): 0 = the model has no prior, None = not known (every prior is read)."""
+    return getattr(image_cfg, "geometry_dim", None)
+
+
+def _missing_prior(dim: int) -> RecordError:
+    return RecordError(f"no geometry prior, but the model fuses one ({dim} features per patch): give the "
+                       "record 'geometry' (a features file) or 'depths' with cam2img and cam2global (3D points), "
+                       "or load the model without its prior (--geometry off)")
+
+
+def _check_feature_size(c: int, dim: int | None, path: str) -> None:
+    if dim and c != dim:
+        raise RecordError(f"geometry {path} has {c} features per patch; the model's geometry merger takes {dim} "
+                          "(--geometry-dim)")
+
+
+def geometry_features(record: dict, frame_hw: Sequence[tuple[int, int]], grids: Sequence[tuple[int, int]],
+                      image_cfg) -> list[np.ndarray] | None:
+    """The record's prior on its ViT grids, one (grid_h, grid_w, C) array per frame, or None.
+
+    From `geometry` (resampled by the rule above), else from `depths` when the model's merger
+    takes 3 or 4 features (`depth_points`). None when the model takes no prior (geometry_dim 0)
+    or the record has none and the need is unknown; RecordError when the model needs one.
+    """
+    dim = _needed_dim(image_cfg)
+    if dim == 0:
+        return None
+    if record.get("geometry"):
+        frames = load_geometry_frames(record)
+        _check_feature_size(frames[0].shape[2], dim, _geometry_paths(record)[0])
+        out = []
+        for features, hw, grid in zip(frames, frame_hw, grids):
+            _, footprint = geometry_source(features.shape[:2], hw, grid, image_cfg.merge_size,
+                                           record.get("geometry_source"))
+            out.append(resample_geometry(features, grid, footprint.span_y, footprint.span_x))
+        return out
+    if record.get("depths") and dim:
+        return depth_points(record, frame_hw, grids, dim)
+    if dim:
+        raise _missing_prior(dim)
+    return None
+
+
+# =====================================================================================
 # Batching: chat template, visual placeholders, answer mask
 # =====================================================================================
 
@@ -1156,18 +1676,18 @@ def record_frames(record: dict) -> list[np.ndarray]:
 
 
 def load_visual_inputs(record: dict, image_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(pixel_values, image_grid_thw, geometry rows or None) of one record."""
+    """(pixel_values, image_grid_thw, geometry rows or None) of one record.
+
+    The geometry rows come from `geometry_features` on the frames' ViT grids: a problem with
+    them (a missing file, a grid that fits no rule, no prior for a model that needs one) is one
+    RecordError / FileNotFoundError line naming the record.
+    """
     images = record_frames(record)
     pixel_values, grids = images_to_patches(images, image_cfg)
-    geometry = None
-    if record.get("geometry"):
-        path = resolve(record, record["geometry"])
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"geometry file not found: {path} (record {record.get('id')})")
-        prior = np.load(path)
-        if prior.ndim != 4 or prior.shape[0] != len(images):
-            raise RecordError(f"{path}: geometry must be (frames={len(images)}, Hp, Wp, C), got {prior.shape}")
-        geometry = geometry_to_tokens(prior, grids, image_cfg.merge_size)
+    where = record.get("_where") or f"record {record.get('id')}"
+    prior = _at(where, geometry_features, record, [image.shape[:2] for image in images],
+                [tuple(g[1:]) for g in grids.tolist()], image_cfg)
+    geometry = None if prior is None else geometry_to_tokens(prior, grids, image_cfg.merge_size)
     return pixel_values, grids, geometry
 
 

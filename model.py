@@ -17,7 +17,11 @@ This file offers:
 - `save_model(model, tokenizer, image_config, dir)`: safetensors weights, config and tokenizer in one directory
   that `load_model` reads back.
 - `ImageConfig`: the numbers needed to turn frames into `pixel_values` by hand (transformers'
-  Qwen2.5-VL image processor needs torchvision, which cannot be installed next to this torch).
+  Qwen2.5-VL image processor needs torchvision, which cannot be installed next to this torch),
+  plus the model's `geometry_dim`, so that the data code asks every record for the prior it needs.
+- `geometry_from_flags(--geometry, --geometry-dim)`: the scripts' switch -> load_model's
+  (geometry, geometry_dim); `load_model(..., geometry=True, geometry_dim=C)` adds a merger for C
+  features per patch to a checkpoint that has none (zero-initialised) or to the toy.
 - Memory for a real model: `load_model(..., dtype=torch.bfloat16)`, `enable_gradient_checkpointing`,
   `load_reference` (a frozen low-precision copy for the KL term).
 - A hand-written LoRA: `add_lora`, `adapters_disabled` (the base model, i.e. the KL reference, from
@@ -72,6 +76,26 @@ RFT_CONFIG_FILE = "rft3d.json"  # what this project adds to a checkpoint (geomet
 GEOMETRY_FLAG = {"auto": None, "on": True, "off": False}
 
 
+def geometry_from_flags(flag: str = "auto", dim: int | None = None) -> tuple[bool | None, int | None]:
+    """--geometry {auto,on,off} and --geometry-dim D -> load_model's (geometry, geometry_dim).
+
+    auto: the checkpoint's setting (the toy's prior is on); on: the prior, the checkpoint's merger
+    if it has one of D inputs (or D is not given), else a fresh zero-initialised merger for D
+    features per patch (D is then required: e.g. 2048 for VGGT-1B features, 3 or 4 for 3D points
+    from depth); off: no prior. A D given with auto means on. ValueError (one line) for D < 1 or
+    D with off. Example: geometry_from_flags("on", 2048) -> (True, 2048).
+    """
+    if flag not in GEOMETRY_FLAG:
+        raise ValueError(f"--geometry must be one of {', '.join(GEOMETRY_FLAG)}, got {flag!r}")
+    if dim is None:
+        return GEOMETRY_FLAG[flag], None
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"--geometry-dim must be a positive integer (features per patch), got {dim!r}")
+    if flag == "off":
+        raise ValueError(f"--geometry-dim {dim} asks for a geometry prior, but --geometry is off")
+    return True, dim
+
+
 # =====================================================================================
 # Image configuration: what a hand-written Qwen2.5-VL "processor" needs
 # =====================================================================================
@@ -94,6 +118,11 @@ class ImageConfig:
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     min_pixels: int = 56 * 56
     max_pixels: int = 448 * 448  # frames larger than this are resized down (real data)
+    # Features per patch the model's geometry merger takes: 0 = no prior, None = not known. Not a
+    # pixel setting and not saved: `load_model` sets it from the model, so that the data code
+    # (data.collate, data.check_lengths) knows whether every record needs a prior, of what size,
+    # and may make one from depth maps. Example: load_model("toy")[2].geometry_dim == 4.
+    geometry_dim: int | None = None
 
 
 def image_config_from_dir(path: str, config: Qwen2_5_VLConfig) -> ImageConfig:
@@ -221,7 +250,13 @@ class RFTModel(nn.Module):
         """
         if self.geometry_dim > 0:
             if geometry is None:
-                raise ValueError("this model fuses a geometry prior: the batch must carry `geometry`")
+                raise ValueError(f"this model fuses a geometry prior ({self.geometry_dim} features per patch) but "
+                                 "the batch carries none: give each record 'geometry' or 'depths' (data.collate "
+                                 "names the record when image_config.geometry_dim is set, as load_model does)")
+            width = self.geometry_merger[1].in_features
+            if geometry.dim() != 2 or geometry.shape != (tokens.shape[0], width):
+                raise ValueError(f"geometry rows {tuple(geometry.shape)} do not fit {tokens.shape[0]} visual tokens "
+                                 f"x {width} merger inputs ({self.geometry_dim} features x merge^2 patches)")
             # With LoRA the merger trains in full, so the base model (the KL reference) needs the
             # merger as it was when the adapters were added: `reference_merger`.
             merger = self.geometry_merger
@@ -691,8 +726,12 @@ def load_model(
     """Return (model, tokenizer, image_config) for "toy" or a local checkpoint directory.
 
     `geometry` switches the prior: None keeps what the checkpoint has (on for "toy"); False drops
-    it; True on a checkpoint without a merger adds a fresh zero-initialised one, whose input size
-    `geometry_dim` (features per patch, e.g. 2048 for VGGT) must then be given. `seed` sets the
+    it; True on a checkpoint without a merger (or with one of another size) adds a fresh
+    zero-initialised one, whose input size `geometry_dim` (features per patch, e.g. 2048 for
+    VGGT, 3 for 3D points) must then be given; "toy" with True and a geometry_dim builds its
+    (default-initialised) merger for that size. `geometry_from_flags` turns --geometry and
+    --geometry-dim into these two. The returned image_config's `geometry_dim` is the model's, so
+    that data.collate / data.check_lengths ask each record for the prior it needs. `seed` sets the
     toy model's initial weights. `dtype` is that of every weight, the geometry merger included
     (bfloat16 halves a real model's memory); LoRA adapters stay float32. A folder written with LoRA adapters comes
     back with them (frozen base, trainable adapters; `merge_lora` folds them in). Nothing is
@@ -702,9 +741,15 @@ def load_model(
     """
     hf_logging.disable_progress_bar()  # no "Loading weights" bar for a model of a few MB
     if name_or_dir == "toy":
-        model, tokenizer, image_config = build_toy_model(seed=seed)
+        if geometry_dim is not None and (isinstance(geometry_dim, bool) or not isinstance(geometry_dim, int)
+                                         or geometry_dim < 1):
+            raise ValueError(f"geometry_dim must be a positive integer, got {geometry_dim!r}")
+        # The merger is built last, so the LLM and ViT weights are those of every toy of this seed.
+        size = ToySize(geometry_dim=geometry_dim) if geometry and geometry_dim else None
+        model, tokenizer, image_config = build_toy_model(size, seed=seed)
         if geometry is False:
             model = RFTModel(model.lm, geometry_dim=0)
+        image_config.geometry_dim = model.geometry_dim
         return model.to(dtype), tokenizer, image_config
     if not os.path.isdir(name_or_dir):
         raise FileNotFoundError(f"model directory not found: {name_or_dir!r} "
@@ -724,7 +769,10 @@ def load_model(
     elif not geometry:
         dim = 0
     elif geometry_dim is None:
-        raise ValueError(f"{name_or_dir!r} has no geometry merger: give geometry_dim (features per patch)")
+        raise ValueError(f"{name_or_dir!r} has no geometry merger: give geometry_dim (features per patch, "
+                         f"--geometry-dim: e.g. 2048 for VGGT-1B features, 3 or 4 for 3D points from depth)")
+    elif isinstance(geometry_dim, bool) or not isinstance(geometry_dim, int) or geometry_dim < 1:
+        raise ValueError(f"geometry_dim must be a positive integer, got {geometry_dim!r}")
     else:
         dim = geometry_dim
     model = RFTModel(lm, geometry_dim=dim)
@@ -753,6 +801,7 @@ def load_model(
                                           for k, v in extra["image_config"].items()})
         except (AttributeError, TypeError) as e:
             raise ValueError(f"{extra_file}: bad image_config ({one_line(e)})") from None
+    image_config.geometry_dim = model.geometry_dim  # what the data code must give the model
     return model, tokenizer, image_config
 
 
@@ -794,7 +843,9 @@ def save_model(model: RFTModel, tokenizer: PreTrainedTokenizerFast, image_config
                   os.path.join(out_dir, GEOMETRY_FILE))
     save_adapters(model, out_dir)
     with open(os.path.join(out_dir, RFT_CONFIG_FILE), "w") as f:
-        json.dump({"geometry_dim": model.geometry_dim, "image_config": asdict(image_config)}, f, indent=1)
+        # The pixel settings only: the model's geometry_dim is saved once, above the image config.
+        pixels = {k: v for k, v in asdict(image_config).items() if k != "geometry_dim"}
+        json.dump({"geometry_dim": model.geometry_dim, "image_config": pixels}, f, indent=1)
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None) -> list[int]:

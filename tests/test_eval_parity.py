@@ -230,8 +230,8 @@ def test_legacy_zxy_answers_score_under_euler_zxy():
 
 
 def test_vgllm_box_to_scene_matches_a_scipy_transcription():
-    """Literal transcription of VG LLM's transform_scanrefer_bbox (skipped without scipy)."""
-    Rotation = pytest.importorskip("scipy.spatial.transform").Rotation
+    """Literal transcription of VG LLM's transform_scanrefer_bbox (scipy: a test requirement)."""
+    from scipy.spatial.transform import Rotation
 
     def transform_scanrefer_bbox(bbox, extrinsic, convention):
         center, sizes = bbox[0:3], bbox[3:6]

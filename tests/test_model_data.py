@@ -9,30 +9,14 @@ from PIL import Image
 
 import data
 import model
+from tests import real_checkpoint
 
 
 # ----------------------------------------------------------------------------- fixtures
 
 def make_records(folder, n=2, frames=4, geometry_dim=4, seed=0):
-    """Hand-made detection records with random frames and a random geometry prior."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(folder, "frames"), exist_ok=True)
-    lines = []
-    for r in range(n):
-        images = []
-        for i in range(frames):
-            name = f"frames/{r}_{i}.png"
-            Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(os.path.join(folder, name))
-            images.append(name)
-        np.save(os.path.join(folder, f"g{r}.npy"), rng.normal(size=(frames, 8, 8, geometry_dim)).astype(np.float32))
-        boxes = [{"label": "chair", "bbox_3d": [1, 0, 2 + r, .5, .8, .5, 0, 0, .3]}]
-        lines.append(json.dumps({
-            "id": f"r{r}", "task": "detection", "images": images, "geometry": f"g{r}.npy", "boxes": boxes,
-            "conversations": [{"from": "human", "value": data.detection_prompt(frames)},
-                              {"from": "gpt", "value": data.detection_answer(boxes)}]}))
-    with open(os.path.join(folder, "detection.jsonl"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return data.load_records(str(folder), "detection")
+    """Hand-made detection records with random 112 x 112 frames and a random geometry prior."""
+    return real_checkpoint.make_records(folder, n, frames, 112, geometry_dim, seed)
 
 
 @pytest.fixture(scope="module")
