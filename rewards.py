@@ -506,6 +506,16 @@ def valid_bbox(value: Any) -> list[float] | None:
     return numbers  # type: ignore[return-value]
 
 
+def _valid_entry(item: Any) -> dict[str, Any] | None:
+    """A detection entry {"label": non-empty str, "bbox_3d": valid box} as parse_boxes keeps it."""
+    if not isinstance(item, dict):
+        return None
+    label, bbox = item.get("label"), valid_bbox(item.get("bbox_3d"))
+    if not isinstance(label, str) or not label.strip() or bbox is None:
+        return None
+    return {"label": label, "bbox_3d": bbox}
+
+
 def parse_boxes(answer: str) -> list[dict[str, Any]] | None:
     """Detection answer -> [{"label": str, "bbox_3d": [9 floats]}], or None if invalid.
 
@@ -516,15 +526,8 @@ def parse_boxes(answer: str) -> list[dict[str, Any]] | None:
     data = parse_json(answer)
     if not isinstance(data, list) or len(data) > MAX_BOXES:
         return None
-    boxes = []
-    for item in data:
-        if not isinstance(item, dict):
-            return None
-        label, bbox = item.get("label"), valid_bbox(item.get("bbox_3d"))
-        if not isinstance(label, str) or not label.strip() or bbox is None:
-            return None
-        boxes.append({"label": label, "bbox_3d": bbox})
-    return boxes
+    boxes = [_valid_entry(item) for item in data]
+    return None if any(box is None for box in boxes) else boxes
 
 
 def parse_grounding(answer: str) -> tuple[int, list[float]] | None:
@@ -650,16 +653,6 @@ def parse_answer_lenient(text: str) -> str | None:
             return s[a_open + len("<answer>"):a_close].strip()
     fenced = _first_fenced_block(s)
     return fenced.strip() if fenced is not None else s
-
-
-def _valid_entry(item: Any) -> dict[str, Any] | None:
-    """A detection entry {"label": non-empty str, "bbox_3d": valid box} as parse_boxes keeps it."""
-    if not isinstance(item, dict):
-        return None
-    label, bbox = item.get("label"), valid_bbox(item.get("bbox_3d"))
-    if not isinstance(label, str) or not label.strip() or bbox is None:
-        return None
-    return {"label": label, "bbox_3d": bbox}
 
 
 def _json_lines(answer: str, keys: tuple[str, ...]) -> list[Any]:
