@@ -25,6 +25,7 @@ step's groups are sampled in one batched `generate` (a CPU decoding step costs a
 
 Run:  python grpo.py                        (from runs/sft/latest, toy data, CPU)
       torchrun --nproc_per_node=2 grpo.py   (prompts split over processes; each group stays on one)
+      torchrun --nproc_per_node=2 grpo.py --fsdp  (the same, policy and reference sharded)
 """
 from __future__ import annotations
 
@@ -452,7 +453,7 @@ class Policy:
     """The model being trained, with what trains it and the frozen reference it is held near."""
 
     net: model_lib.RFTModel  # samples the rollouts (no gradients, nothing to synchronise)
-    trained: torch.nn.Module  # the same net, wrapped in DDP under torchrun: the update goes through it
+    trained: torch.nn.Module  # the same net, in DDP under torchrun (itself if sharded): the update goes through it
     ref: model_lib.RFTModel | None  # the frozen initial policy of the KL term (None when beta = 0)
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]  # the trained parameters (the ViT is frozen unless --train-vision)
@@ -467,7 +468,8 @@ def update_policy(policy: Policy, rollouts: Rollouts, normalizer: float, setup: 
 
     `normalizer` is the loss's denominator over the *global* batch (completion tokens for
     token-mean, sequences for seq-mean). Each micro-chunk's loss is divided by it and multiplied
-    by world_size, so DDP's gradient averaging yields exactly the gradient of the global loss.
+    by world_size, so DDP's gradient averaging yields exactly the gradient of the global loss (a
+    sharded policy averages alike, reduce-scattering after every chunk's backward).
     """
     args, proc = setup.args, setup.proc
     policy.net.train()
@@ -483,7 +485,7 @@ def update_policy(policy: Policy, rollouts: Rollouts, normalizer: float, setup: 
             with torch.no_grad(), reference_off:
                 ref_logp = completion_logprobs(policy.ref or policy.net, rollouts, rows, setup.banned,
                                                args.temperature, reuse_vision=reuse_vision).cpu()
-        # DDP all-reduces the gradients on the last chunk's backward only
+        # DDP all-reduces the gradients on the last chunk's backward only (FSDP after each chunk)
         skip_sync = isinstance(policy.trained, DDP) and i < len(chunks) - 1
         with policy.trained.no_sync() if skip_sync else torch.enable_grad():
             logp = completion_logprobs(policy.trained, rollouts, rows, setup.banned, args.temperature,
@@ -501,7 +503,7 @@ def update_policy(policy: Policy, rollouts: Rollouts, normalizer: float, setup: 
     if not math.isfinite(totals["loss"]):
         raise FloatingPointError(f"non-finite GRPO loss ({totals['loss']})")
     max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.params, max_norm)
+    grad_norm = runtime.grad_norm_value(torch.nn.utils.clip_grad_norm_(policy.params, max_norm))
     if not torch.isfinite(grad_norm):
         raise FloatingPointError("non-finite gradient norm")
     policy.optimizer.step()
@@ -584,6 +586,7 @@ def load_policy(args, proc: runtime.Dist, resume_from: str, resume_state: dict |
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     proc = runtime.setup_distributed(args.device)
+    runtime.check_fsdp(args, proc)  # --fsdp needs torchrun's processes
     if args.prompts_per_step % proc.world_size:
         raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must divide over "
                          f"{proc.world_size} processes")
@@ -616,14 +619,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}")
     # What trains: the LLM and the geometry merger (the paper), or LoRA adapters (--lora-rank).
     params = runtime.trainable_setup(net, args, args.train_vision)
+    if args.fsdp:
+        # FSDP2 shards the policy in place (see runtime.shard_model), and the frozen reference too;
+        # the optimiser must see the sharded parameters, so it is built after this.
+        params = runtime.shard_model(net, proc)
+        if ref is not None:
+            runtime.shard_model(ref, proc, trained=False)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     start_step = 0
     if resume_state:
         runtime.restore_training_state(resume_from, optimizer)
         start_step = resume_state["step"]
     # Sampling uses `net` directly (no gradients, nothing to synchronise); the update goes through
-    # DDP so that gradients are averaged over processes.
-    policy = Policy(net, DDP(net) if proc.enabled else net, ref, optimizer, params)
+    # DDP so that gradients are averaged over processes (a sharded net averages them itself).
+    policy = Policy(net, DDP(net) if proc.enabled and not args.fsdp else net, ref, optimizer, params)
     # Token ids that are neither sampled nor scored (special tokens, unused output rows).
     banned = model_lib.special_token_ids(tokenizer, net.lm.config.text_config.vocab_size)
     setup = Setup(args, tokenizer, image_cfg, banned, proc)
@@ -651,7 +660,9 @@ def main(argv: list[str] | None = None) -> None:
         my_positions = runtime.shard(list(range(args.prompts_per_step)), proc.rank, proc.world_size)
         my_records = [records[step_prompts[i]] for i in my_positions]
         seeds = [prompt_seed(args.seed, step, i) for i in my_positions]
-        with runtime.precision(args.dtype, proc.device):  # bf16 autocast for --dtype bfloat16
+        # bf16 autocast for --dtype bfloat16; a sharded policy is gathered whole for the rollout
+        # (sampling does not go through its forward, where FSDP would gather it).
+        with runtime.precision(args.dtype, proc.device), runtime.gathered(net):
             rollouts = rollout(net, my_records, seeds, setup)
         rollout_s = time.time() - t0
         # ---- 2. advantages: each completion against the others of its group (no value network)
@@ -666,11 +677,11 @@ def main(argv: list[str] | None = None) -> None:
         # With several passes over one rollout batch the policy drifts from the one that sampled:
         # its log-probs are frozen first, so later passes measure the ratio r against them.
         if args.mu > 1:
-            with runtime.precision(args.dtype, proc.device):
+            with runtime.precision(args.dtype, proc.device, sharded=args.fsdp):
                 rollouts.old_logp = old_logprobs(net, rollouts, setup)
         try:
             for _ in range(args.mu):
-                with runtime.precision(args.dtype, proc.device):
+                with runtime.precision(args.dtype, proc.device, sharded=args.fsdp):
                     update = update_policy(policy, rollouts, normalizer, setup)
         except FloatingPointError as e:
             raise SystemExit(f"error at step {step}: {e} (a learning rate too high, or NaN/inf in inputs, "
@@ -693,13 +704,16 @@ def main(argv: list[str] | None = None) -> None:
         # ---- periodic held-out evaluation (rank 0), then the checkpoint; as in sft.py, the
         # checkpoint comes second so that it covers the evaluation's log line.
         done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and proc.master:
-            with runtime.precision(args.dtype, proc.device):
-                result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=(args.task,),
-                                             limit=args.eval_limit, progress=False)
-            logger.log({"step": step, "eval": result})
+        if args.eval_every and done % args.eval_every == 0:
+            # A sharded policy is gathered whole on every process first; the others wait for rank 0.
+            with runtime.whole_model(net, proc):
+                if proc.master:
+                    with runtime.precision(args.dtype, proc.device):
+                        result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val",
+                                                     tasks=(args.task,), limit=args.eval_limit, progress=False)
+                    logger.log({"step": step, "eval": result})
         if (args.save_every and done % args.save_every == 0) or done == end_step:
-            state = {"step": done, "args": vars(args)}  # rank 0 writes; the other processes wait
+            state = {"step": done, "args": vars(args)}  # rank 0 writes; the others help gather (FSDP), then wait
             runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, state, proc)
     bar.close()
     runtime.cleanup_distributed(proc)

@@ -5,9 +5,11 @@ Nothing here is specific to the paper; it is what both training stages need to r
 - `setup_distributed` reads torchrun's environment variables (gloo on CPU, nccl on GPU);
 - `lr_at` is linear warm-up then cosine decay;
 - `JsonlLogger` writes one JSON object per line (rank 0 only);
+- `shard_model`, `gathered`, `whole_model` are --fsdp (FSDP2): weights, gradients and optimiser
+  state sharded over the processes, gathered whole for sampling and evaluation;
 - `save_checkpoint` writes a folder that `model.load_model` also opens, with the optimiser and
-  RNG states next to the weights, atomically (a crash never leaves half a folder);
-  `read_training_state` / `restore_training_state` resume from it exactly.
+  RNG states next to the weights, atomically (a crash never leaves half a folder), the same
+  folder for a sharded model; `read_training_state` / `restore_training_state` resume from it exactly.
 The periodic evaluation and checkpoint calls are written out in each training loop (sft.py,
 grpo.py), where a reader of `main` sees them; this file imports no trainer and no evaluator.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,11 +28,14 @@ import random
 import shutil
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import data
 import model as model_lib
@@ -205,7 +212,7 @@ def add_run_arguments(p, log_every: int, save_every: int) -> None:
     what_to_do = p.add_mutually_exclusive_group()
     what_to_do.add_argument("--resume", action="store_true",
                             help="continue from <out>/latest exactly (same settings; only logging, checkpoint, "
-                                 "evaluation, --stop-after, --out and device flags may change)")
+                                 "evaluation, --stop-after, --out, device and --fsdp flags may change)")
     what_to_do.add_argument("--overwrite", action="store_true",
                             help="replace the run already in --out (its logs and checkpoints are deleted)")
     p.add_argument("--stop-after", type=int_at_least(1), default=None,
@@ -242,6 +249,9 @@ def add_model_arguments(p, training: bool) -> None:
         return
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the LLM layers' activations in the backward pass (less memory, ~30%% more time)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients and optimiser state over torchrun's processes (FSDP2, a unit per "
+                        "LLM decoder layer) instead of replicating them (DDP); needs N >= 2 processes")
     # The paper trains spatial reasoning with LoRA (and beta = 0), perception with full fine-tuning.
     p.add_argument("--lora-rank", type=int_at_least(0), default=0, help="LoRA rank r (0 = full fine-tuning)")
     p.add_argument("--lora-alpha", type=number(0, above=True), default=16.0, help="LoRA scale alpha (update * alpha / r)")
@@ -267,10 +277,18 @@ def pixel_budget(image_cfg: model_lib.ImageConfig, args) -> model_lib.ImageConfi
     return dataclasses.replace(image_cfg, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def precision(dtype: str, device: torch.device):
-    """The context forward passes run in: bf16 autocast for --dtype bfloat16, else nothing."""
+def precision(dtype: str, device: torch.device, sharded: bool = False):
+    """The context forward passes run in: bf16 autocast for --dtype bfloat16, else nothing.
+
+    `sharded=True` for the training passes of an --fsdp model: autocast's cache of bf16 weight
+    copies is then off. The cache lasts the whole `with` block, and FSDP gathers a layer's weights
+    anew for each micro-batch; a copy cast in the first micro-batch and reused in the next is an
+    older autograd node, so its weight gradient arrives after FSDP has already reduced that
+    layer's gradients, and is lost (measured: grad norm 3.40 instead of 3.80, 2 micro-batches).
+    A training forward uses each weight once, so the cache saved nothing there.
+    """
     if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not sharded)
     return contextlib.nullcontext()
 
 
@@ -389,6 +407,181 @@ def truncate_log(path: str, step: int) -> None:
 
 
 # =====================================================================================
+# Sharding (FSDP2): --fsdp
+# =====================================================================================
+#
+# DDP keeps a whole copy of the weights, gradients and AdamW moments on every process; with
+# --fsdp, `torch.distributed.fsdp.fully_shard` (FSDP2) keeps 1/N of each on each of N processes
+# and all-gathers a module's weights just before it runs. The units: each LLM decoder layer, then
+# the root (everything else: embeddings, LM head, final norm, ViT, geometry merger). After
+# `fully_shard` the parameters are DTensor shards (new objects), so the optimiser is built after
+# it. Gradients are averaged over processes as DDP averages them, so the trainers' loss scaling
+# (x world_size / global count) is the same; they are reduce-scattered after every micro-batch
+# (no `no_sync`: accumulating whole gradients would give back the memory FSDP saves).
+# FSDP only gathers around `forward`. Sampling and evaluation call other methods (`vision_tokens`,
+# `fuse_geometry`, `prefill`, `generate_from`, `generate`), so they run inside `gathered` /
+# `whole_model`, which unshard every unit on every process first (an all-gather: all processes
+# take part). Checkpoints are written whole, in the same folder format as without --fsdp
+# (`model.load_model` opens them, optimizer.pt has the one-process layout), so a run may resume
+# with or without --fsdp. --fsdp needs torchrun with 2 or more processes (`check_fsdp`).
+
+FSDP_FORWARD_METHODS = ("prefill", "generate_from", "generate")  # RFTModel entry points besides forward
+_PLAIN_TWINS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def check_fsdp(args, proc: Dist) -> None:
+    """--fsdp shards over torchrun's processes: in one process it is an error, not a silent no-op."""
+    if getattr(args, "fsdp", False) and not proc.enabled:
+        raise SystemExit("error: --fsdp shards the model over processes: run under torchrun --nproc_per_node=N "
+                         "with N >= 2, or leave --fsdp out")
+
+
+def is_sharded(net: torch.nn.Module) -> bool:
+    return isinstance(net, FSDPModule)
+
+
+def shard_model(net: model_lib.RFTModel, proc: Dist, trained: bool = True) -> list[torch.nn.Parameter]:
+    """fully_shard each LLM decoder layer, then the root; returns the (now sharded) trained parameters.
+
+    Call it after LoRA and gradient checkpointing are set up (`trainable_setup`) and before the
+    optimiser is built. Frozen parameters (the ViT, a LoRA base) are sharded too; FSDP leaves
+    them out of the gradient reduction. `trained=False` (GRPO's frozen reference, forward only)
+    also frees the root's gathered weights after each forward: without a backward nothing else
+    would. A trained model keeps a parameter-free copy of its module tree (meta tensors) for
+    `whole_copy`, which checkpoints need.
+    """
+    mesh = torch.distributed.device_mesh.init_device_mesh(proc.device.type, (proc.world_size,))
+    if trained:
+        # Every parameter stands in as a meta tensor (no memory); the tree itself is copied.
+        memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                for p in net.parameters()}
+        _PLAIN_TWINS[net] = copy.deepcopy(net, memo)
+    for layer in net.lm.model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh, reshard_after_forward=None if trained else True)  # None: the root stays gathered
+    for name in FSDP_FORWARD_METHODS:
+        # So that FSDP's root bookkeeping runs on these calls too (GRPO's first call is a prefill).
+        register_fsdp_forward_method(net, name)
+    for name in ("generate", "generate_from"):
+        # Hugging Face's `generate` on an FSDP-managed model otherwise all-reduces at every token
+        # so that all processes decode in step (`synced_gpus`). Here decoding always runs on a
+        # gathered model (`gathered`), with nothing to keep in step: each process stops at its own
+        # EOS, and rank 0 can evaluate alone.
+        setattr(net, name, functools.partial(getattr(net, name), synced_gpus=False))
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def fsdp_units(net: torch.nn.Module) -> list[FSDPModule]:
+    return [m for m in net.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(net: torch.nn.Module):
+    """The whole model on every process inside the block (a no-op for a model that is not sharded).
+
+    For calls other than the root forward (sampling): every unit is all-gathered once and kept so
+    (`set_reshard_after_forward(False)`), so a decoding step does not all-gather each layer again
+    for every token. Every process must enter (the all-gather is a collective). On exit the
+    shards are put back and the layers reshard after their forward again (the root never does).
+    """
+    if not is_sharded(net):
+        yield net
+        return
+    units = fsdp_units(net)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield net
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not net, recurse=False)
+
+
+@contextlib.contextmanager
+def whole_model(net: torch.nn.Module, proc: Dist):
+    """For work that rank 0 does alone (the periodic evaluation): with a sharded model every
+    process gathers the weights, then waits at a barrier until rank 0 is done; otherwise nothing."""
+    if not is_sharded(net):
+        yield net
+        return
+    with gathered(net):
+        try:
+            yield net
+        finally:
+            barrier(proc)
+
+
+def whole_tensor(value, keep: bool = True):
+    """A DTensor shard -> the whole tensor on the CPU (a collective: every process calls it, in
+    the same order); None where `keep` is False (only rank 0 keeps what it writes). Anything
+    else is returned as it is."""
+    if not isinstance(value, DTensor):
+        return value
+    full = value.full_tensor()
+    return full.cpu() if keep else None
+
+
+def whole_copy(net: model_lib.RFTModel, keep: bool) -> model_lib.RFTModel | None:
+    """A plain (unsharded) copy of a sharded model's weights on the CPU, for `model.save_model`.
+
+    Collective; the copy is built where `keep` is True (rank 0) and None elsewhere. It is the
+    module tree saved by `shard_model`, given the gathered tensors (tied weights stay tied: they
+    are one tensor in the state dict and gathered once).
+    """
+    gathered_once: dict[int, torch.Tensor | None] = {}
+    state = {}
+    with torch.no_grad():
+        # keep_vars: the Parameter objects themselves (DTensor shards), so a tied one is seen as one
+        for key, value in net.state_dict(keep_vars=True).items():
+            if id(value) not in gathered_once:
+                gathered_once[id(value)] = whole_tensor(value, keep)
+            state[key] = gathered_once[id(value)]
+    if not keep:
+        return None
+    twin = copy.deepcopy(_PLAIN_TWINS[net])
+    twin.load_state_dict(state, assign=True)
+    return twin
+
+
+def whole_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
+    """`optimizer.state_dict()` with every DTensor moment gathered whole: the file a one-process run
+    writes (parameters by index, in order). Collective; None where `keep` is False."""
+    state = optimizer.state_dict()  # its inner dicts are the live state: build new ones
+    moments = {index: {k: whole_tensor(v, keep) for k, v in entry.items()} for index, entry in state["state"].items()}
+    return {"state": moments, "param_groups": state["param_groups"]} if keep else None
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A whole optimiser state (as `whole_optimizer_state` writes it) cut to this process's shards.
+
+    Each moment shaped like its parameter becomes a DTensor laid out as the parameter is; every
+    process has read the whole file, so each takes its own slice (`src_data_rank=None`: no
+    communication). The state of a model that is not sharded is returned unchanged.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
+        return state
+
+    def like(value, p):
+        if not (isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape):
+            return value  # AdamW's step count, or a moment of an unsharded parameter
+        piece = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+        # A copy of this process's slice, so that the whole tensor it is a view of can go.
+        return DTensor.from_local(piece.to_local().clone(), p.device_mesh, p.placements, shape=p.shape,
+                                  stride=p.stride())
+
+    moments = {index: {k: like(v, params[index]) for k, v in entry.items()} for index, entry in state["state"].items()}
+    return {**state, "state": moments}
+
+
+def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
+    """`clip_grad_norm_`'s result as a plain tensor (over sharded gradients it is a DTensor)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# =====================================================================================
 # Checkpoints
 # =====================================================================================
 
@@ -407,14 +600,21 @@ def save_checkpoint(path: str, net: model_lib.RFTModel, tokenizer, image_cfg, op
     `path.old`, or `path.old` alone: `resolve_checkpoint` finds the newest complete one, and
     `claim_run_folder` puts it back in place when the run is resumed.
     Under torchrun (`proc` given) rank 0 writes and every process waits for it at a barrier.
+    A sharded model (--fsdp) is first gathered whole, weights and optimiser state, by every
+    process together; rank 0 writes what it gathered, in the same files as without --fsdp.
     """
+    optimizer_state = None
+    if is_sharded(net):
+        master = proc is None or proc.master
+        net, optimizer_state = whole_copy(net, keep=master), whole_optimizer_state(optimizer, keep=master)
     if proc is not None and not proc.master:
         barrier(proc)
         return
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model_lib.save_model(net, tokenizer, image_cfg, tmp)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+               os.path.join(tmp, OPTIMIZER_FILE))
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     # Optimiser moments and RNG states are not model weights: torch.save keeps their exact types.
     torch.save(rng, os.path.join(tmp, RNG_FILE))
@@ -483,8 +683,12 @@ def read_training_state(path: str, args: dict | None = None, also_free: tuple[st
 
 
 def restore_training_state(path: str, optimizer) -> None:
-    """Load the optimiser state and the torch / numpy / Python RNG states saved in `path`."""
-    optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False))
+    """Load the optimiser state and the torch / numpy / Python RNG states saved in `path`.
+
+    The optimiser file is whole; for a sharded model (--fsdp) each process keeps its shards.
+    """
+    saved = torch.load(os.path.join(path, OPTIMIZER_FILE), weights_only=False)
+    optimizer.load_state_dict(shard_optimizer_state(saved, optimizer))
     rng = torch.load(os.path.join(path, RNG_FILE), weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -492,9 +696,10 @@ def restore_training_state(path: str, optimizer) -> None:
 
 
 # Flags that may differ on --resume: bookkeeping that does not change what is computed.
-# `out` too: a run folder may be moved or copied before it is resumed.
-RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "gradient_checkpointing", "stop_after", "no_progress", "log_every", "save_every",
-                               "eval_every", "eval_limit", "sample_every", "device", "out"})
+# `out` too: a run folder may be moved or copied before it is resumed. `device` and `fsdp` change
+# only how it is computed (the last bits of sums, not the run): a checkpoint is the same either way.
+RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "gradient_checkpointing", "fsdp", "stop_after", "no_progress",
+                               "log_every", "save_every", "eval_every", "eval_limit", "sample_every", "device", "out"})
 
 
 def check_resume_args(saved: dict, current: dict, also_free: tuple[str, ...] = (),

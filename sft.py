@@ -8,10 +8,11 @@ perception, so that GRPO afterwards samples answers that parse and can be reward
 
 N_answer counts the answer tokens of the whole global batch, so one step gives the same gradient
 whether it runs in one process or is split over `torchrun --nproc_per_node=N` processes (DDP
-averages gradients over processes, which the loss scaling below undoes).
+averages gradients over processes, which the loss scaling below undoes; so does FSDP).
 
 Run:  python sft.py                      (toy model, synthetic data in data/toy, CPU)
       torchrun --nproc_per_node=2 sft.py  (same global batch, split over 2 processes)
+      torchrun --nproc_per_node=2 sft.py --fsdp  (the same, weights and optimiser state sharded)
       python sft.py --resume              (continue exactly from runs/sft/latest)
 """
 from __future__ import annotations
@@ -122,7 +123,8 @@ def train_step(net, batches: list[dict], global_tokens: float, world_size: int, 
     """Forward/backward over this process's micro-batches; returns the summed answer-token loss.
 
     Each micro-batch loss is scaled by world_size / global_tokens: DDP then averages over the
-    world_size processes, which leaves exactly d(sum of token losses / global_tokens).
+    world_size processes, which leaves exactly d(sum of token losses / global_tokens). A sharded
+    model (--fsdp) averages the same way, after each micro-batch's backward.
     """
     total = 0.0
     for i, batch in enumerate(batches):
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # One process, or one of torchrun's N (rank, world size and device from its environment).
     proc = runtime.setup_distributed(args.device)
+    runtime.check_fsdp(args, proc)  # --fsdp needs torchrun's processes
     # Each process takes an equal share of the global batch, cut into equal micro-batches.
     if args.batch_size % (proc.world_size * min(args.micro_batch, args.batch_size)):
         raise SystemExit(f"error: --batch-size {args.batch_size} must split into "
@@ -182,14 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     train_vision = args.train_vision == "yes" or (args.train_vision == "auto" and args.model == "toy")
     # What trains: all but the ViT, or LoRA adapters (--lora-rank); optional gradient checkpointing.
     params = runtime.trainable_setup(net, args, train_vision)
+    if args.fsdp:
+        # FSDP2 shards the model in place (a unit per decoder layer, then the root); the optimiser
+        # must see the sharded parameters, so it is built after this.
+        params = runtime.shard_model(net, proc)
     # AdamW with beta2 = 0.95, the usual choice for language-model training (nanoGPT's too).
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     start_step = 0
     if resume_state:
         runtime.restore_training_state(source, optimizer)
         start_step = resume_state["step"]
-    # DDP averages gradients over processes on the last micro-batch's backward (see train_step).
-    ddp_net = DDP(net) if proc.enabled else net
+    # DDP averages gradients over processes on the last micro-batch's backward (see train_step);
+    # a sharded model averages them itself, on every micro-batch's backward.
+    ddp_net = DDP(net) if proc.enabled and not args.fsdp else net
 
     (logger,) = runtime.open_logs(args.out, ("metrics",), args.resume, start_step, proc.master)
     if proc.master:
@@ -216,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
         # N_answer of the module docstring: answer tokens of the whole global batch.
         local_tokens = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
         global_tokens = runtime.all_reduce_sum(local_tokens, proc)
-        with runtime.precision(args.dtype, proc.device):  # bf16 autocast for --dtype bfloat16
+        with runtime.precision(args.dtype, proc.device, sharded=args.fsdp):  # bf16 autocast for --dtype bfloat16
             loss_sum = train_step(ddp_net, batches, global_tokens, proc.world_size, proc.device)
         # Clipping the global norm keeps one unusually large gradient from derailing a run at the
         # toy's high learning rate (with --grad-clip 0 the norm is only measured, for the log).
         max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = runtime.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
         # The logged loss is the global-batch mean; a NaN stops the run before the optimiser step,
         # so the last checkpoint stays the last good state.
         loss = runtime.all_reduce_sum(loss_sum, proc) / global_tokens
@@ -240,13 +248,16 @@ def main(argv: list[str] | None = None) -> None:
         # ---- periodic held-out evaluation (rank 0), then the checkpoint. The evaluation comes
         # first so that the checkpoint covers its log line (resuming drops and redoes later lines).
         done = step + 1
-        if args.eval_every and done % args.eval_every == 0 and proc.master:
-            with runtime.precision(args.dtype, proc.device):
-                result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
-                                             limit=args.eval_limit, progress=False)
-            logger.log({"step": step, "eval": result})
+        if args.eval_every and done % args.eval_every == 0:
+            # A sharded model is gathered whole on every process first; the others wait for rank 0.
+            with runtime.whole_model(net, proc):
+                if proc.master:
+                    with runtime.precision(args.dtype, proc.device):
+                        result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
+                                                     limit=args.eval_limit, progress=False)
+                    logger.log({"step": step, "eval": result})
         if (args.save_every and done % args.save_every == 0) or done == end_step:
-            state = {"step": done, "args": vars(args)}  # rank 0 writes; the other processes wait
+            state = {"step": done, "args": vars(args)}  # rank 0 writes; the others help gather (FSDP), then wait
             runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, state, proc)
     bar.close()
     runtime.cleanup_distributed(proc)
