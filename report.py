@@ -9,6 +9,7 @@ the reward curve of the GRPO run (mean reward and each component per step) as a 
 
     python report.py --runs sft=runs/sft,sft_more=runs/sft_more,grpo=runs/grpo \
         --grpo-metrics runs/grpo/metrics.jsonl --plot docs/reward_curve.png
+    python report.py --runs "SFT=runs/sft,GRPO=runs/grpo_s0+runs/grpo_s1+runs/grpo_s2" ...  (training seeds)
 """
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ def seed_table(runs: dict[str, list[dict]], metrics: list[str] | None = None) ->
             values = 100 * np.array([row.get(metric, np.nan) for row in rows])
             cells.append(f"{values.mean():.1f} ({values.min():.1f}-{values.max():.1f})")
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def training_seed_table(arms: dict[str, list[list[dict[str, float]]]], metric: str) -> str:
+    """Markdown: one row per arm of several training runs, "mean (lowest-highest run)" in percent.
+
+    `arms`: per arm, per training run, the `eval.summary` of each evaluation seed. Each training
+    run is first averaged over its evaluation seeds; the row then shows the mean of
+    those run means and the lowest and highest run. The spread between training runs is what a
+    claim "GRPO beats SFT" has to clear, not the (smaller) spread over evaluation seeds.
+
+    >>> run = lambda *v: [{"detection/F1@0.25": x} for x in v]   # one summary per evaluation seed
+    >>> print(training_seed_table({"GRPO": [run(0.11, 0.13), run(0.14)]}, "detection/F1@0.25"))
+    | run | training seeds | detection/F1@0.25 |
+    | --- | ---: | ---: |
+    | GRPO | 2 | 13.0 (12.0-14.0) |
+    """
+    lines = [f"| run | training seeds | {metric} |", "| --- | ---: | ---: |"]
+    for name, runs in arms.items():
+        means = 100 * np.array([np.mean([row.get(metric, np.nan) for row in rows]) for rows in runs])
+        lines.append(f"| {name} | {len(runs)} | {means.mean():.1f} ({means.min():.1f}-{means.max():.1f}) |")
     return "\n".join(lines)
 
 
@@ -129,7 +151,9 @@ def plot_curves(curves: dict, out_path: str, title: str, window: int = 5, size=(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", required=True, help="name=folder pairs, comma separated, in table order")
+    p.add_argument("--runs", required=True,
+                   help="name=folder pairs, comma separated, in table order; name=f1+f2+f3 for an arm of several "
+                        "training runs (adds a table of the first metric over them)")
     p.add_argument("--metrics", default=None, help="comma-separated summary keys to show (default: all)")
     p.add_argument("--grpo-metrics", default=None, help="a GRPO metrics.jsonl to plot")
     p.add_argument("--plot", default="docs/reward_curve.png", help="where the reward curve PNG goes")
@@ -138,11 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     # Missing files and malformed results end in one line, not a traceback.
     try:
         # "name=folder" pairs keep the order given: it is the table's row order.
-        runs = {}
+        # An arm may name several training runs, "name=folder+folder+...": the first table shows
+        # each arm's first run over its evaluation seeds, the second every run's mean.
+        arms = {}
         for item in args.runs.split(","):
-            name, _, folder = item.partition("=")
-            runs[name.strip()] = load_run(folder.strip())
-        print(seed_table(runs, args.metrics.split(",") if args.metrics else None))
+            name, _, folders = item.partition("=")
+            arms[name.strip()] = [load_run(folder.strip()) for folder in folders.split("+")]
+        metrics = args.metrics.split(",") if args.metrics else None
+        print(seed_table({name: runs[0] for name, runs in arms.items()}, metrics))
+        if any(len(runs) > 1 for runs in arms.values()):
+            headline = metrics[0] if metrics else next(m for m in evaluation.summary(arms[name][0][0]) if "/" in m)
+            summaries = {name: [[evaluation.summary(r) for r in results] for results in runs]
+                         for name, runs in arms.items()}
+            print("\n" + training_seed_table(summaries, headline))
         if args.grpo_metrics:
             if not os.path.exists(args.grpo_metrics):
                 raise FileNotFoundError(f"GRPO metrics not found: {args.grpo_metrics}")

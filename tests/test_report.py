@@ -36,3 +36,19 @@ def test_reward_curve_png(tmp_path):
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no eval_seed"):
         report.main(["--runs", f"A={tmp_path}"])
+
+
+def test_training_seed_table_from_the_command_line(tmp_path, capsys):
+    # Two GRPO training runs (each with 2 evaluation seeds) and one SFT run: the first table shows
+    # each arm's first run over its evaluation seeds, the second each arm's run means.
+    values = {"sft": [0.10, 0.12], "g0": [0.12, 0.14], "g1": [0.16, 0.18]}
+    for run, seeds in values.items():
+        (tmp_path / run).mkdir()
+        for k, v in enumerate(seeds):
+            (tmp_path / run / f"eval_seed{k}.json").write_text(json.dumps(fake_results(v)))
+    report.main(["--runs", f"SFT={tmp_path / 'sft'},GRPO={tmp_path / 'g0'}+{tmp_path / 'g1'}",
+                 "--metrics", "detection/F1@0.25"])
+    out = capsys.readouterr().out
+    assert "| GRPO | 2 | 13.0 (12.0-14.0) |" in out            # run g0 over its 2 evaluation seeds
+    assert "| GRPO | 2 | 15.0 (13.0-17.0) |" in out            # the means of g0 (13) and g1 (17)
+    assert "| SFT | 1 | 11.0 (11.0-11.0) |" in out
