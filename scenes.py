@@ -93,7 +93,8 @@ MIN_PIXELS = 30             # an object "is visible" in a frame with at least th
 DETECTION_FRAMES = 4        # consecutive frames per detection record...
 DETECTION_STRIDE = 3        # ...this many path steps apart
 DETECTION_RECORDS = 3       # detection records per scene, at evenly spread path offsets
-GROUNDING_FRAMES = 6        # uniformly sampled frames per grounding record
+GROUNDING_FRAMES = DETECTION_FRAMES  # a grounding record's frames: the detection window that shows
+                                     # its target largest (see grounding_records)
 SPATIAL_FRAMES = 8          # uniformly sampled frames per spatial-QA record
 
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}   # disjoint seed ranges
@@ -706,22 +707,33 @@ def detection_record(scene: Scene, frames: dict[int, Frame], start: int, k: int)
 
 def grounding_records(scene: Scene, frames: dict[int, Frame],
                       rng: np.random.Generator) -> list[dict[str, Any]]:
-    """One record per describable object that is visible in the 6 uniformly sampled frames.
+    """One record per describable object visible in one of the scene's detection windows.
 
-    gt_frame: the sampled frame where the target's 2D box (around its visible pixels) is largest
-    (the first such frame on ties). The answer box is in that frame's camera coordinates; gt_bbox is
-    the target in the axis-aligned scene frame.
+    Frames: the 4 consecutive frames (DETECTION_STRIDE apart) of the detection window in which
+    the target's 2D box is largest, rather than 6 frames spread over the whole path (the first
+    version): the answer box lives in the chosen frame's camera, and with frames close together
+    the cameras differ by little, so what detection teaches (boxes in a nearby camera) carries
+    over. With 6 frames from the whole path, a 0.7 M model never learned it (docs/EXPERIMENTS.md
+    item 14: Acc@0.25 2.8%); the choice is a data lever of the toy world, not of the metric.
+    gt_frame: the frame of that window where the target's 2D box (around its visible pixels) is
+    largest (the first such frame on ties). The answer box is in that frame's camera
+    coordinates; gt_bbox is the target in the axis-aligned scene frame.
     """
-    indices = uniform_indices(len(scene.poses), GROUNDING_FRAMES)
+    windows = [strided_indices(len(scene.poses), start, GROUNDING_FRAMES, DETECTION_STRIDE)
+               for start in detection_offsets(len(scene.poses))]
     records = []
     for n, desc in describe_objects(scene.objects, rng).items():
-        if not any(visible(scene, frames[i], i)[n] for i in indices):
+        # The window, and its frame, where the target is largest among those where it is visible.
+        shown = [(box2d_area(frames[i], n), w, position) for w, indices in enumerate(windows)
+                 for position, i in enumerate(indices) if visible(scene, frames[i], i)[n]]
+        if not shown:
             continue                                       # never clearly in view: no record
-        # gt_frame indexes the SAMPLED frames (the "Frame-i" of the prompt), not the path.
-        areas = [box2d_area(frames[i], n) for i in indices]
-        gt_frame = int(np.argmax(areas))
+        best_area = max(area for area, _, _ in shown)
+        _, window, gt_frame = next(item for item in shown if item[0] == best_area)
+        indices = windows[window]
         obj = scene.objects[n]
-        # The answer box lives in gt_frame's camera; the reward maps it back with
+        # gt_frame indexes the record's frames (the "Frame-i" of the prompt), not the path. The
+        # answer box lives in gt_frame's camera; the reward maps it back with
         # axis_align_matrix @ cam2global[gt_frame] and compares with gt_bbox by 3D IoU.
         box = camera_box(obj, scene.poses[indices[gt_frame]])
         record = _record(scene, f"grd-{scene.scene_id}-{len(records)}", "grounding", indices,
@@ -906,19 +918,20 @@ def spatial_records(scene: Scene, frames: dict[int, Frame],
 
 def used_frames(num_frames: int) -> list[int]:
     """Path steps that some record uses (only these are rendered and written)."""
-    used = set(uniform_indices(num_frames, GROUNDING_FRAMES))
-    used |= set(uniform_indices(num_frames, SPATIAL_FRAMES))
-    for start in detection_offsets(num_frames):
+    used = set(uniform_indices(num_frames, SPATIAL_FRAMES))
+    for start in detection_offsets(num_frames):  # the grounding records use these windows too
         used |= set(strided_indices(num_frames, start, DETECTION_FRAMES, DETECTION_STRIDE))
     return sorted(used)
 
 
 def _all_objects_seen(scene: Scene, frames: dict[int, Frame]) -> bool:
-    """Every object visible in some grounding frame and in some spatial frame (so every count,
-    order and description can be answered from the frames of the record)."""
-    for sampler in (GROUNDING_FRAMES, SPATIAL_FRAMES):
+    """Every object visible in some detection (= grounding) window and in some spatial frame (so
+    every count, order and description can be answered from the frames of the record)."""
+    windows = [strided_indices(len(scene.poses), start, DETECTION_FRAMES, DETECTION_STRIDE)
+               for start in detection_offsets(len(scene.poses))]
+    for indices in ([i for w in windows for i in w], uniform_indices(len(scene.poses), SPATIAL_FRAMES)):
         seen = np.zeros(len(scene.objects), dtype=bool)
-        for i in uniform_indices(len(scene.poses), sampler):
+        for i in indices:
             seen |= np.array(visible(scene, frames[i], i))
         if not seen.all():
             return False

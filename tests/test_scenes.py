@@ -117,7 +117,7 @@ def test_records_parse_and_have_all_keys(toy, task):
             assert human["value"] == data.detection_prompt(4)
             assert gpt["value"] == data.detection_answer(r["boxes"])
         elif task == "grounding":
-            assert human["value"] == data.grounding_prompt(6, r["description"])
+            assert human["value"] == data.grounding_prompt(scenes.GROUNDING_FRAMES, r["description"])
             assert json.loads(gpt["value"])["frame"] == r["gt_frame"]
         else:
             assert human["value"] == data.spatial_prompt(8, r["question"], r["options"] or None)
