@@ -80,11 +80,33 @@ MC_QUESTION_TYPES = (
 
 
 # Completion length budget per task (new tokens) for sampling in grpo.py and decoding in eval.py
-# when --max-new-tokens is not given. A detection answer of the toy tokenizer takes ~50 tokens
-# per box (the fixed JSON pieces are single tokens, digits are one token each); a grounding
-# answer is one box; a spatial answer is a letter or a number plus the four tags. Real
-# checkpoints (longer tokenisation of the tags, many ScanNet objects) may need more.
+# when --max-new-tokens is not given: `max_new_tokens(task, real)`.
+#
+# The toy model (its tokenizer, model.is_toy_tokenizer): DEFAULT_MAX_NEW_TOKENS. A detection
+# answer of the toy tokenizer takes ~50 tokens per box (the fixed JSON pieces are single tokens,
+# digits are one token each); a grounding answer is one box; a spatial answer is a letter or a
+# number plus the four tags.
 DEFAULT_MAX_NEW_TOKENS = {"detection": 400, "grounding": 96, "spatial": 32}
+# A real checkpoint: the published budgets for the bare answer, lmms-eval's generation_kwargs
+# max_new_tokens in LaVi-Lab/VG-LLM 6fbdae6 src/lmms_eval/tasks/threedod/default_yaml (detection,
+# ScanNet 4 / 6 frames: 2000), src/lmms_eval/tasks/scanrefer/scanrefer.yaml (100) and
+# vision-x-nyu/thinking-in-space 51e089c lmms_eval/tasks/vsibench/vsibench.yaml (VSI-Bench: 16;
+# VG LLM's copy of that file says 16 too)...
+PUBLISHED_MAX_NEW_TOKENS = {"detection": 2000, "grounding": 100, "spatial": 16}
+# ...plus room for the wrapper a checkpoint trained here writes around that answer,
+# "<think></think><answer>" before it and "</answer>" after it (`wrap_answer`). Qwen2.5's
+# vocabulary has no tokens for these tags: BPE cuts each into a few pieces, the four together
+# well under 32 (the published budgets already count the end-of-turn token, as generate's
+# max_new_tokens does). So a real budget is the published one + 32: 2032, 132, 48.
+ANSWER_WRAPPER_TOKENS = 32
+
+
+def max_new_tokens(task: str, real: bool) -> int:
+    """The default completion budget of `task`: the toy's (real=False), or the published one plus
+    ANSWER_WRAPPER_TOKENS for a real checkpoint. Example: max_new_tokens("detection", True) == 2032."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return PUBLISHED_MAX_NEW_TOKENS[task] + ANSWER_WRAPPER_TOKENS if real else DEFAULT_MAX_NEW_TOKENS[task]
 
 
 def detection_prompt(num_frames: int) -> str:

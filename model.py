@@ -72,7 +72,7 @@ TOY_NUMBER_PIECES = [f"{sign}{i}." for sign in ("", "-") for i in range(10)] + [
 
 GEOMETRY_FILE = "geometry_merger.safetensors"  # saved next to the Hugging Face weights
 RFT_CONFIG_FILE = "rft3d.json"  # what this project adds to a checkpoint (geometry dim, image config)
-# --geometry of sft.py and eval.py: keep the checkpoint's setting, force the prior on, or drop it
+# --geometry of sft.py, grpo.py and eval.py: keep the checkpoint's setting, force the prior on, or drop it
 GEOMETRY_FLAG = {"auto": None, "on": True, "off": False}
 
 
@@ -82,8 +82,9 @@ def geometry_from_flags(flag: str = "auto", dim: int | None = None) -> tuple[boo
     auto: the checkpoint's setting (the toy's prior is on); on: the prior, the checkpoint's merger
     if it has one of D inputs (or D is not given), else a fresh zero-initialised merger for D
     features per patch (D is then required: e.g. 2048 for VGGT-1B features, 3 or 4 for 3D points
-    from depth); off: no prior. A D given with auto means on. ValueError (one line) for D < 1 or
-    D with off. Example: geometry_from_flags("on", 2048) -> (True, 2048).
+    from depth); off: no prior. D goes with on only: with auto it would silently replace a saved
+    merger of another size, with off it contradicts it. ValueError (one line) for D < 1 or D
+    without on. Example: geometry_from_flags("on", 2048) -> (True, 2048).
     """
     if flag not in GEOMETRY_FLAG:
         raise ValueError(f"--geometry must be one of {', '.join(GEOMETRY_FLAG)}, got {flag!r}")
@@ -91,9 +92,26 @@ def geometry_from_flags(flag: str = "auto", dim: int | None = None) -> tuple[boo
         return GEOMETRY_FLAG[flag], None
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"--geometry-dim must be a positive integer (features per patch), got {dim!r}")
-    if flag == "off":
-        raise ValueError(f"--geometry-dim {dim} asks for a geometry prior, but --geometry is off")
+    if flag != "on":
+        raise ValueError(f"--geometry-dim {dim} sizes a geometry merger: it needs --geometry on (got --geometry {flag})")
     return True, dim
+
+
+def saved_geometry_dim(name_or_dir: str) -> int | None:
+    """Features per patch of the geometry merger a model comes with (0: none), read from its
+    rft3d.json without loading it; None when that cannot be told here (no such folder, an
+    unreadable file: `load_model` then names the problem). Example: saved_geometry_dim("toy") == 4;
+    a checkpoint from the hub (no rft3d.json) -> 0."""
+    if name_or_dir == "toy":
+        return ToySize().geometry_dim
+    if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+        return None
+    extra_file = os.path.join(name_or_dir, RFT_CONFIG_FILE)
+    try:
+        dim = read_json_object(extra_file).get("geometry_dim", 0) if os.path.exists(extra_file) else 0
+    except ValueError:
+        return None
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 else None
 
 
 # =====================================================================================
@@ -487,6 +505,24 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok, unk_token="[UNK]", pad_token=PAD_TOKEN, eos_token=IM_END,
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _toy_vocabulary() -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(build_toy_tokenizer().get_vocab().items()))
+
+
+def is_toy_tokenizer(tokenizer: PreTrainedTokenizerFast) -> bool:
+    """Is this the toy BPE (`build_toy_tokenizer`: "toy", or a checkpoint trained from it)?
+
+    Decided by the vocabulary, token for token (the toy's is rebuilt once, in milliseconds):
+    what the completion budgets of a model depend on (`data.max_new_tokens`) is how its
+    tokenizer cuts answers, and only the toy's has the JSON pieces and the format tags as single
+    tokens. A real Qwen vocabulary (151,665 tokens) differs in size at once.
+    """
+    if len(tokenizer) != len(_toy_vocabulary()):
+        return False
+    return tuple(sorted(tokenizer.get_vocab().items())) == _toy_vocabulary()
 
 
 @dataclass

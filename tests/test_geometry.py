@@ -310,9 +310,10 @@ def test_geometry_from_flags():
     assert model.geometry_from_flags("on") == (True, None)
     assert model.geometry_from_flags("off") == (False, None)
     assert model.geometry_from_flags("on", 2048) == (True, 2048)
-    assert model.geometry_from_flags("auto", 3) == (True, 3)
-    for flag, dim, message in (("off", 3, "--geometry is off"), ("on", 0, "positive integer"),
-                               ("maybe", None, "one of auto, on, off")):
+    # a size goes with on only: with auto it would silently replace a saved merger of another size
+    for flag, dim, message in (("off", 3, r"needs --geometry on \(got --geometry off\)"),
+                               ("auto", 3, r"needs --geometry on \(got --geometry auto\)"),
+                               ("on", 0, "positive integer"), ("maybe", None, "one of auto, on, off")):
         with pytest.raises(ValueError, match=message):
             model.geometry_from_flags(flag, dim)
 
@@ -352,3 +353,5 @@ def test_hub_checkpoint_gains_a_zero_merger_and_runs(tmp_path, hub):
     assert saved["geometry_dim"] == 3 and "geometry_dim" not in saved["image_config"]
     again, _, again_cfg = model.load_model(str(tmp_path / "ckpt"))
     assert again.geometry_dim == 3 and again_cfg.geometry_dim == 3
+    # what the scripts' flag check reads without loading: the merger's size, 0 for none
+    assert [model.saved_geometry_dim(p) for p in ("toy", hub, str(tmp_path / "ckpt"), str(tmp_path))] == [4, 0, 3, None]
