@@ -65,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     # what to evaluate
     p.add_argument("--model", default="toy",  # "toy" = the random tiny model; else a checkpoint folder
                    help="'toy' (randomly initialised tiny model) or a local checkpoint directory")
-    p.add_argument("--geometry", default="auto", choices=tuple(model_lib.GEOMETRY_FLAG),  # auto = as saved
-                   help="geometry prior: as the checkpoint has it (auto), forced on, or dropped (off)")
     p.add_argument("--data", default="data/toy",  # the synthetic world's output folder (scenes.py)
                    help="data folder holding <split>/<task>.jsonl")
     p.add_argument("--split", default="val",  # held-out rooms
@@ -79,13 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random subset chosen by --limit (decoding is greedy, so it is "
                         "the only randomness)")
     runtime.add_data_arguments(p)  # --media-root, --num-frames, --skip-bad, --max-seq-len
-    runtime.add_model_arguments(p, training=False)  # --dtype, --max-pixels, --min-pixels
+    runtime.add_model_arguments(p, training=False)  # --geometry(-dim), --dtype, --max-pixels, --min-pixels
     # how to run
     p.add_argument("--batch-size", default=32, type=runtime.int_at_least(1),  # prompts decoded together
                    help="prompts per generate() call")
-    p.add_argument("--max-new-tokens", default=None, type=runtime.int_at_least(1),  # None = data.DEFAULT_MAX_NEW_TOKENS
-                   help="completion length limit (default per task: "
-                        + ", ".join(f"{k} {v}" for k, v in data.DEFAULT_MAX_NEW_TOKENS.items()) + ")")
+    p.add_argument("--max-new-tokens", default=None, type=runtime.int_at_least(1),  # None = data.max_new_tokens
+                   help="completion length limit (default per task, data.max_new_tokens: "
+                        + ", ".join(f"{k} {data.max_new_tokens(k, False)}" for k in data.TASKS) + " for the toy, "
+                        + ", ".join(f"{k} {data.max_new_tokens(k, True)}" for k in data.TASKS)
+                        + " for a real checkpoint: VG LLM's / VSI-Bench's + 32 for the answer tags)")
     p.add_argument("--device", default="auto",  # auto = cuda when available, else cpu
                    help="torch device: auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--samples", default=3, type=runtime.int_at_least(0),  # completions kept in the JSON per task
@@ -644,20 +644,13 @@ def select_records(records: Sequence[dict], limit: int | None, seed: int) -> lis
 
 def load_eval_records(data_dir: str, split: str, task: str, limit: int | None, seed: int,
                       record_options: dict | None = None) -> list[dict]:
-    """The records of one task and split, subset by (limit, seed); FileNotFoundError if absent.
+    """The records of one task and split (runtime.load_task_records), subset by (limit, seed).
 
     `data_dir` is a data folder (`<split>/<task>.jsonl`) or one published records file (VG LLM's
-    JSON array, VSI-Bench rows). `record_options`: media_root, num_frames, skip_bad of
-    data.load_records_checked (the scripts' --media-root, --num-frames, --skip-bad).
+    JSON array, VSI-Bench rows). `record_options`: media_root, num_frames, skip_bad
+    (runtime.record_options: the scripts' --media-root, --num-frames, --skip-bad).
     """
-    if not os.path.exists(data_dir):
-        raise FileNotFoundError(f"data directory not found: {data_dir} (generate the toy data with: python scenes.py)")
-    # the file path (not the split folder) so that a missing file is named in the error
-    path = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, split, f"{task}.jsonl")
-    records, skipped = data.load_records_checked(path, task, **(record_options or {}))
-    if skipped:
-        print(f"skipped {len(skipped)} bad {task} record(s) of {path}; the first: {skipped[0]}", file=sys.stderr)
-    return select_records(records, limit, seed)
+    return select_records(runtime.load_task_records(data_dir, task, split, **(record_options or {})), limit, seed)
 
 
 def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
@@ -669,20 +662,22 @@ def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
     Returns {"meta": {...settings, seconds...}, task: metrics, ...} where each task's metrics
     (see detection_metrics / grounding_metrics / spatial_metrics) also hold `samples` example
     completions next to their references. All values are plain Python: `json.dump` works.
-    `max_new_tokens=None` uses data.DEFAULT_MAX_NEW_TOKENS[task].
+    `max_new_tokens=None` uses the task's default for this model (data.max_new_tokens: the toy's,
+    or the published budget + the answer tags for a real tokenizer). With `max_seq_len` the
+    records are first checked to fit it with that budget (runtime.fit_lengths; with
+    record_options' skip_bad the others are left out).
     """
     start = time.time()
     results: dict[str, Any] = {"meta": {"data": data_dir, "split": split, "tasks": list(tasks), "limit": limit,
                                         "seed": seed, "decoding": "greedy"}}
+    real = not model_lib.is_toy_tokenizer(tokenizer)
     for task in tasks:
-        records = load_eval_records(data_dir, split, task, limit, seed, record_options)
-        n_tokens = data.DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
+        every = runtime.load_task_records(data_dir, task, split, **(record_options or {}))
+        records = select_records(every, limit, seed)
+        n_tokens = data.max_new_tokens(task, real) if max_new_tokens is None else max_new_tokens
         if max_seq_len is not None:  # a prompt longer than the context is refused before generating
-            skip = bool((record_options or {}).get("skip_bad"))
-            records, dropped = data.check_lengths(records, tokenizer, image_cfg, max_seq_len, n_tokens, skip_bad=skip)
-            if dropped:
-                print(f"skipped {len(dropped)} record(s) over {max_seq_len} tokens; the first: {dropped[0]}",
-                      file=sys.stderr)
+            records = runtime.fit_lengths(records, tokenizer, image_cfg, max_seq_len, n_tokens,
+                                          skip_bad=bool((record_options or {}).get("skip_bad")))
         completions, truncated = generate_completions(net, tokenizer, image_cfg, records, batch_size, n_tokens,
                                                       progress)
         # `truncated`: a cut answer scores 0, so its share says whether --max-new-tokens is too small.
@@ -836,21 +831,20 @@ def run_eval(args: argparse.Namespace) -> None:
     """Evaluate one model: load, generate, score, print the table, save the JSON."""
     # Check the data, the device and the output path first: a typo in any should not cost a
     # model load (nor, for --out, a whole evaluation).
-    options = {"media_root": args.media_root, "num_frames": args.num_frames, "skip_bad": args.skip_bad}
+    options = runtime.record_options(args)
     for task in args.tasks:
         load_eval_records(args.data, args.split, task, args.limit, args.seed, options)
     device = runtime.resolve_device(args.device)
     if args.out:
         check_output_file(args.out)
-    geometry = model_lib.GEOMETRY_FLAG[args.geometry]
-    net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry,
+    geometry, geometry_dim = runtime.geometry_arguments(args)
+    net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry, geometry_dim=geometry_dim,
                                                      dtype=runtime.weights_dtype(args, training=False))
     net.to(device)
     image_cfg = runtime.pixel_budget(image_cfg, args)
     results = evaluate(net, tokenizer, image_cfg, args.data, args.split, args.tasks, args.limit, args.seed,
                        args.batch_size, args.max_new_tokens, progress=not args.no_progress, samples=args.samples,
-                       record_options=options,
-                       max_seq_len=args.max_seq_len or net.lm.config.text_config.max_position_embeddings)
+                       record_options=options, max_seq_len=runtime.max_seq_len(args, net))
     results["meta"]["model"] = args.model
     print(markdown_table(results))
     if args.out:
@@ -861,7 +855,10 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.compare:
+        runtime.check_model_arguments(parser, args, args.model)  # --geometry / --geometry-dim
     try:
         if args.compare:
             run_compare(args)

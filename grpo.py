@@ -90,7 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=runtime.number(0, above=True), default=1.0,
                    help="sampling temperature (log-probs use the same)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=None,
-                   help="completion budget (default: data.DEFAULT_MAX_NEW_TOKENS of the task)")
+                   help="completion budget (default: the task's, data.max_new_tokens: "
+                        + ", ".join(f"{k} {data.max_new_tokens(k, False)}" for k in data.TASKS) + " for the toy, "
+                        + ", ".join(f"{k} {data.max_new_tokens(k, True)}" for k in data.TASKS)
+                        + " for a real checkpoint: VG LLM's / VSI-Bench's + 32 for the answer tags)")
     p.add_argument("--eps", type=runtime.number(0, 1), default=0.2,
                    help="clip range: ratio kept within [1-eps, 1+eps_high]")
     p.add_argument("--eps-high", type=runtime.number(0), default=None,
@@ -128,9 +131,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         rewards.check_weights(args.weights, args.task)  # an empty set, or rewards of another task
     except ValueError as e:
         p.error(str(e))
-    if args.max_new_tokens is None:
-        args.max_new_tokens = data.DEFAULT_MAX_NEW_TOKENS[args.task]
+    runtime.check_model_arguments(p, args, args.init)  # --geometry / --geometry-dim
+    # --max-new-tokens left out (None) is the task's default for the model, set once it is loaded
+    # (`default_budget`): the toy's and a real checkpoint's differ.
     return args
+
+
+def default_budget(args, tokenizer) -> int:
+    """The task's completion budget for this policy's tokenizer (data.max_new_tokens)."""
+    return data.max_new_tokens(args.task, real=not model_lib.is_toy_tokenizer(tokenizer))
 
 
 @dataclass
@@ -564,7 +573,10 @@ def load_policy(args, proc: runtime.Dist, resume_from: str, resume_state: dict |
     run started from (`resume_state["args"]["init"]`), whatever --init says now. With beta = 0
     there is no reference; with LoRA the reference is the policy with its adapters switched off
     (`model.adapters_disabled`: one copy of the base weights); otherwise a second, frozen copy in
-    the run's precision (bf16 for --dtype bfloat16).
+    the run's precision (bf16 for --dtype bfloat16). Both load with the same --geometry and
+    --geometry-dim, so they fuse the same prior: auto keeps a merger --init has, off drops it, on
+    with a size adds a zero-initialised one where --init has none (the policy's starts equal to
+    the reference's: both add zeros).
     """
     source = resume_from if resume_state else args.init
     init = resume_state["args"]["init"] if resume_state else args.init
@@ -573,11 +585,14 @@ def load_policy(args, proc: runtime.Dist, resume_from: str, resume_state: dict |
             hint = " (make it with: python sft.py)" if path == DEFAULT_INIT else ""
             raise SystemExit(f"error: initial policy not found: {path}{hint}")
     try:
-        net, tokenizer, image_cfg = model_lib.load_model(source, dtype=runtime.weights_dtype(args))
+        geometry, geometry_dim = runtime.geometry_arguments(args)
+        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, geometry_dim=geometry_dim,
+                                                         dtype=runtime.weights_dtype(args))
         ref = None
         if args.beta != 0 and args.lora_rank == 0:
             ref_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-            ref = model_lib.load_reference(init, dtype=ref_dtype).to(proc.device)
+            ref = model_lib.load_reference(init, dtype=ref_dtype, geometry=geometry,
+                                           geometry_dim=geometry_dim).to(proc.device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     return net.to(proc.device), ref, tokenizer, runtime.pixel_budget(image_cfg, args)
@@ -604,17 +619,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume:
         # Checked before any model is loaded. --init is not used on resume (policy and reference
         # come from the checkpoint's run), and the parsed weights are compared instead of the
-        # --reward text: "f1=1" and "f1=1.0" agree.
-        resume_state = runtime.read_training_state(resume_from, vars(args), also_free=("init", "reward"),
+        # --reward text: "f1=1" and "f1=1.0" agree. A default budget is known once the policy is
+        # loaded, and compared then.
+        later = ("max_new_tokens",) if args.max_new_tokens is None else ()
+        resume_state = runtime.read_training_state(resume_from, vars(args), also_free=("init", "reward", *later),
                                                    flag_of={"weights": "reward"})
     # The policy starts from the SFT checkpoint; the reference (for the KL term) is a frozen copy
     # of that same starting point. As in the paper, the ViT stays frozen: only the LLM and the
     # geometry merger learn.
     net, ref, tokenizer, image_cfg = load_policy(args, proc, resume_from, resume_state)
-    try:  # every prompt must fit the context with its completion budget
-        records = runtime.fit_lengths(records, tokenizer, image_cfg, args, quiet=not proc.master,
-                                      max_positions=net.lm.config.text_config.max_position_embeddings,
-                                      completion_tokens=args.max_new_tokens)
+    if args.max_new_tokens is None:  # the task's budget for this model: the toy's or the published one
+        args.max_new_tokens = default_budget(args, tokenizer)
+        if resume_state:
+            runtime.check_resume_args(resume_state.get("args", {}), {"max_new_tokens": args.max_new_tokens})
+    try:  # every prompt must fit the context with its completion budget, and carry the prior the model fuses
+        records = runtime.fit_lengths(records, tokenizer, image_cfg, runtime.max_seq_len(args, net),
+                                      completion_tokens=args.max_new_tokens, skip_bad=args.skip_bad,
+                                      quiet=not proc.master)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     # What trains: the LLM and the geometry merger (the paper), or LoRA adapters (--lora-rank).
@@ -710,7 +731,9 @@ def main(argv: list[str] | None = None) -> None:
                 if proc.master:
                     with runtime.precision(args.dtype, proc.device):
                         result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val",
-                                                     tasks=(args.task,), limit=args.eval_limit, progress=False)
+                                                     tasks=(args.task,), limit=args.eval_limit, progress=False,
+                                                     record_options=runtime.record_options(args),
+                                                     max_seq_len=runtime.max_seq_len(args, net))
                     logger.log({"step": step, "eval": result})
         if (args.save_every and done % args.save_every == 0) or done == end_step:
             state = {"step": done, "args": vars(args)}  # rank 0 writes; the others help gather (FSDP), then wait

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -237,7 +238,17 @@ def add_data_arguments(p) -> None:
 
 
 def add_model_arguments(p, training: bool) -> None:
-    """Precision, pixel budget and (for training) LoRA and gradient checkpointing."""
+    """Geometry prior, precision, pixel budget and (for training) LoRA and gradient checkpointing.
+
+    After parse_args, `check_model_arguments(p, args, checkpoint)` turns bad combinations into
+    usage errors; `geometry_arguments(args)` gives load_model's (geometry, geometry_dim).
+    """
+    p.add_argument("--geometry", choices=tuple(model_lib.GEOMETRY_FLAG), default="auto",
+                   help="geometry prior: as the checkpoint has it (auto; the toy's is on), on (the checkpoint's "
+                        "merger, or a new zero-initialised one of --geometry-dim inputs), or dropped (off)")
+    p.add_argument("--geometry-dim", type=int_at_least(1), default=None,
+                   help="features per patch of a new geometry merger, with --geometry on, for a checkpoint "
+                        "without one (2048 for VGGT-1B features, 3 or 4 for 3D points from depth maps)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: forward passes under bf16 autocast, fp32 master weights where they train "
                         "(full fine-tuning), bf16 where they do not (the reference, a LoRA base)")
@@ -261,6 +272,27 @@ def add_model_arguments(p, training: bool) -> None:
 
 
 VG_LLM_MAX_PIXELS = 576 * 28 * 28  # VG LLM trains and evaluates at 576 merged tokens per frame
+
+
+def geometry_arguments(args) -> tuple[bool | None, int | None]:
+    """--geometry and --geometry-dim as model.load_model / load_reference take them."""
+    return model_lib.geometry_from_flags(args.geometry, args.geometry_dim)
+
+
+def check_model_arguments(p: argparse.ArgumentParser, args, checkpoint: str) -> None:
+    """Usage errors (exit 2, one line) for flag combinations that cannot load, before anything does.
+
+    --geometry-dim needs --geometry on; --geometry on needs --geometry-dim for a `checkpoint`
+    that has no merger (read from its rft3d.json: the hub's checkpoints have none). Where the
+    checkpoint cannot be read here (not there yet, damaged), load_model names the problem.
+    """
+    try:
+        geometry, dim = geometry_arguments(args)
+    except ValueError as e:
+        p.error(str(e))
+    if geometry and dim is None and model_lib.saved_geometry_dim(checkpoint) == 0:
+        p.error(f"--geometry on: {checkpoint} has no geometry merger; give --geometry-dim N, the features per "
+                f"patch of the records' priors (2048 for VGGT-1B features, 3 or 4 for 3D points from depth)")
 
 
 def pixel_budget(image_cfg: model_lib.ImageConfig, args) -> model_lib.ImageConfig:
@@ -321,30 +353,64 @@ def trainable_setup(net: model_lib.RFTModel, args, train_vision: bool) -> list[t
     return params
 
 
-def load_run_records(args, task: str, split: str, limit: int | None = None, quiet: bool = False) -> list[dict]:
-    """The records of one task for a script: checked, paths resolved, bad ones skipped if asked.
+RECORD_OPTIONS = ("media_root", "num_frames", "skip_bad")  # add_data_arguments' flags that reading takes
 
-    `--data` is a data folder (`<split>/<task>.jsonl` inside) or one published file as it is
-    (VG LLM's JSON array, VSI-Bench rows).
+
+def record_options(args) -> dict:
+    """--media-root, --num-frames and --skip-bad as `load_task_records` takes them."""
+    return {"media_root": args.media_root, "num_frames": args.num_frames, "skip_bad": args.skip_bad}
+
+
+def load_task_records(data_path: str, task: str, split: str, limit: int | None = None, quiet: bool = False,
+                      media_root: str | None = None, num_frames: int | None = None,
+                      skip_bad: bool = False) -> list[dict]:
+    """The records of one task: checked, paths resolved, bad ones skipped (and counted) if asked.
+
+    `data_path` is a data folder (`<split>/<task>.jsonl` inside) or one published file as it is
+    (VG LLM's JSON array, VSI-Bench rows). `limit` keeps the first records (eval.py's --limit
+    takes a seeded subset of all of them instead). The skip count goes to stderr.
     """
-    path = args.data if os.path.isfile(args.data) else os.path.join(args.data, split)
-    records, skipped = data.load_records_checked(path, task, limit, media_root=args.media_root,
-                                                 num_frames=args.num_frames, skip_bad=args.skip_bad)
+    if not os.path.exists(data_path):
+        raise FileNotFoundError(f"data directory not found: {data_path} (records not found: "
+                                f"{os.path.join(data_path, split, task + '.jsonl')}; generate the toy data with: "
+                                f"python scenes.py)")
+    # the file (not the split folder), so that a missing one is named in the error
+    path = data_path if os.path.isfile(data_path) else os.path.join(data_path, split, f"{task}.jsonl")
+    records, skipped = data.load_records_checked(path, task, limit, media_root=media_root, num_frames=num_frames,
+                                                 skip_bad=skip_bad)
     if skipped and not quiet:
-        print(f"skipped {len(skipped)} bad {task} record(s) of {path}; the first: {skipped[0]}")
+        print(f"skipped {len(skipped)} bad {task} record(s) of {path}; the first: {skipped[0]}", file=sys.stderr)
     return records
 
 
-def fit_lengths(records: list[dict], tokenizer, image_cfg, args, max_positions: int,
-                completion_tokens: int | None = None, quiet: bool = False) -> list[dict]:
-    """Refuse (or with --skip-bad drop) records whose prompt + answer exceed --max-seq-len."""
-    limit = args.max_seq_len or max_positions
+def load_run_records(args, task: str, split: str, limit: int | None = None, quiet: bool = False) -> list[dict]:
+    """`load_task_records` of --data with the scripts' --media-root, --num-frames, --skip-bad."""
+    return load_task_records(args.data, task, split, limit, quiet, **record_options(args))
+
+
+def max_seq_len(args, net: model_lib.RFTModel) -> int:
+    """--max-seq-len, by default the model's context (max_position_embeddings)."""
+    return args.max_seq_len or net.lm.config.text_config.max_position_embeddings
+
+
+def fit_lengths(records: list[dict], tokenizer, image_cfg, limit: int, completion_tokens: int | None = None,
+                skip_bad: bool = False, quiet: bool = False) -> list[dict]:
+    """The records that fit the model (data.check_lengths), or a one-line error.
+
+    Two things are checked per record: prompt + visual tokens + answer (`completion_tokens`, the
+    budget, when the answer is generated) within `limit` tokens, and its geometry prior usable
+    by the model (present where the model fuses one, of the merger's size, on a grid that maps
+    to the frame's patches). A failing record raises data.RecordError, or with `skip_bad` is
+    dropped and counted (on stderr); a data.RecordError also when none is left.
+    """
     kept, dropped = data.check_lengths(records, tokenizer, image_cfg, limit, completion_tokens=completion_tokens,
-                                       skip_bad=args.skip_bad)
-    if dropped and not quiet:
-        print(f"skipped {len(dropped)} record(s) longer than {limit} tokens; the first: {dropped[0]}")
+                                       skip_bad=skip_bad)
+    what = f"too long for --max-seq-len {limit}, or no usable geometry prior"
     if not kept:
-        raise SystemExit(f"error: no record fits {limit} tokens")
+        first = f"; the first: {dropped[0]}" if dropped else ""
+        raise data.RecordError(f"no record left: all {len(records)} {what}{first}")
+    if dropped and not quiet:
+        print(f"skipped {len(dropped)} record(s) {what}; the first: {dropped[0]}", file=sys.stderr)
     return kept
 
 

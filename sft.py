@@ -53,8 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=at_least(1), default=None, help="use at most this many records per task")
     p.add_argument("--out", type=os.path.normpath, default="runs/sft",
                    help="run folder: metrics.jsonl and the checkpoint 'latest/'")
-    p.add_argument("--geometry", choices=tuple(model_lib.GEOMETRY_FLAG), default="auto",
-                   help="geometry prior fusion: auto keeps the model's setting (on for toy)")
     # The paper freezes the ViT (and VGGT) and trains the LLM and the geometry merger.
     p.add_argument("--train-vision", choices=["auto", "yes", "no"], default="auto",
                    help="train the ViT too: auto = yes for the random toy model, no for a checkpoint")
@@ -80,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size % args.micro_batch and args.micro_batch < args.batch_size:
         p.error("--batch-size must be a multiple of --micro-batch")
+    runtime.check_model_arguments(p, args, args.model)  # --geometry / --geometry-dim
     return args
 
 
@@ -171,13 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         # Checked before the model is loaded, so a refused resume costs no loading time.
         resume_state = runtime.read_training_state(source, vars(args)) if args.resume else None
         # On --resume the weights come from the checkpoint; otherwise from --model ("toy" builds it).
-        geometry = model_lib.GEOMETRY_FLAG[args.geometry]
-        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, seed=args.seed,
-                                                         dtype=runtime.weights_dtype(args))
+        # --geometry / --geometry-dim: the checkpoint's merger, a new one, or none.
+        geometry, geometry_dim = runtime.geometry_arguments(args)
+        net, tokenizer, image_cfg = model_lib.load_model(source, geometry=geometry, geometry_dim=geometry_dim,
+                                                         seed=args.seed, dtype=runtime.weights_dtype(args))
         image_cfg = runtime.pixel_budget(image_cfg, args)
-        # Every record must fit the model's context (a 338 KB record once took 24 GB).
-        records = runtime.fit_lengths(records, tokenizer, image_cfg, args, quiet=not proc.master,
-                                      max_positions=net.lm.config.text_config.max_position_embeddings)
+        # Every record must fit the model's context (a 338 KB record once took 24 GB) and carry
+        # the geometry prior the model fuses.
+        records = runtime.fit_lengths(records, tokenizer, image_cfg, runtime.max_seq_len(args, net),
+                                      skip_bad=args.skip_bad, quiet=not proc.master)
     except (FileNotFoundError, ValueError) as e:  # data.RecordError is a ValueError
         raise SystemExit(f"error: {e}")
     net.to(proc.device)
@@ -254,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
                 if proc.master:
                     with runtime.precision(args.dtype, proc.device):
                         result = evaluation.evaluate(net, tokenizer, image_cfg, args.data, "val", tasks=args.tasks,
-                                                     limit=args.eval_limit, progress=False)
+                                                     limit=args.eval_limit, progress=False,
+                                                     record_options=runtime.record_options(args),
+                                                     max_seq_len=runtime.max_seq_len(args, net))
                     logger.log({"step": step, "eval": result})
         if (args.save_every and done % args.save_every == 0) or done == end_step:
             state = {"step": done, "args": vars(args)}  # rank 0 writes; the others help gather (FSDP), then wait

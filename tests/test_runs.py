@@ -197,6 +197,11 @@ BAD_FLAGS = {
     "eval": [["--max-new-tokens", "0"], ["--batch-size", "-1"], ["--tasks", ","], ["--limit", "0"],
              ["--samples", "-1"]],
 }
+# --geometry / --geometry-dim (runtime.add_model_arguments, shared by the three scripts): a size needs on
+GEOMETRY_FLAGS = [["--geometry-dim", "3"], ["--geometry", "off", "--geometry-dim", "3"], ["--geometry-dim", "0"],
+                  ["--geometry", "sometimes"]]
+for _cases in BAD_FLAGS.values():
+    _cases.extend(GEOMETRY_FLAGS)
 CASES = [(script, flags) for script, cases in BAD_FLAGS.items() for flags in cases]
 
 
