@@ -4,8 +4,9 @@
 that the RL rewards are built from (docs/DESIGN.md, "Evaluation"):
 
     detection   per-category greedy matching at IoU > 0.25 and IoU > 0.5, TP/FP/FN summed over the
-                dataset per category, P/R/F1 per category, the macro mean over categories
-                (ScanNet detection; paper: F1@0.25 43.7, P 54.2, R 38.2 for 3D-RFT-4B)
+                dataset per category, P/R/F1 per category, the macro mean over the data set's
+                fixed category list: VG LLM's ScanNet-20 for ScanNet (paper: F1@0.25 43.7,
+                P 54.2, R 38.2 for 3D-RFT-4B); for the toy world the categories present
     grounding   Acc@0.25 / Acc@0.5 = share of samples whose box has IoU >= threshold; the box is
                 predicted in the camera frame of the predicted frame (ScanRefer; 42.9 / 15.9)
     spatial     per question type: option accuracy (multiple choice) or MRA (numeric); overall
@@ -45,6 +46,7 @@ import data
 import model as model_lib
 import rewards
 import runtime
+import scenes  # the toy world's category list (TOY_CATEGORIES)
 from boxes import box3d_iou, box_rotation, rotation_to_euler_zxy
 
 # =====================================================================================
@@ -190,15 +192,25 @@ def truncated_share(truncated: Sequence[bool] | None) -> float | None:
 # boxes are false negatives. Since matching is same-label only, matching each category
 # separately gives exactly the counts of matching the whole lists at once.
 #
-# Two macro means are reported. "present": over the categories in the evaluated ground truth
-# (the toy world's 8 categories; also the top-level precision / recall / f1). "scannet20": VG
-# LLM's published rule (LaVi-Lab/VG-LLM src/lmms_eval/tasks/threedod/utils.py,
-# threedod_aggregate_results, list `cate20`): per category of a fixed list of 20, TP/FP/FN
-# summed over the data set, P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2PR/(P+R), each 0 when its
-# denominator is 0, then the plain mean over all 20, so a category with no ground truth and no
-# prediction counts 0 (a category with predictions but no ground truth too: P = 0). F1 = 2PR /
-# (P+R) equals prf's 2TP / (2TP+FP+FN) whenever either is defined. VG LLM matches at IoU > 0.25
-# only (compute_ap's default); @0.5 is this project's addition.
+# Two macro means are reported. "present": over the categories in the evaluated ground truth.
+# "scannet20": VG LLM's published rule (LaVi-Lab/VG-LLM 6fbdae6
+# src/lmms_eval/tasks/threedod/utils.py, threedod_aggregate_results, list `cate20`): per category
+# of a fixed list of 20, TP/FP/FN summed over the data set, P = TP/(TP+FP), R = TP/(TP+FN), F1 =
+# 2PR/(P+R), each 0 when its denominator is 0, then the plain mean over all 20, so a category with
+# no ground truth and no prediction counts 0 (a category with predictions but no ground truth
+# too: P = 0). F1 = 2PR / (P+R) equals prf's 2TP / (2TP+FP+FN) whenever either is defined. VG LLM
+# matches at IoU > 0.25 only (compute_ap's default); @0.5 is this project's addition.
+#
+# The headline (the top-level precision / recall / f1, the table's `detection/F1@t`) is the mean
+# over the data set's fixed category list, `which_category_list`: a data set whose ground-truth
+# labels are all toy-world categories (scenes.CATEGORY_NAMES) is the toy's, any other is taken
+# as ScanNet (VG LLM's files; their labels, e.g. "couch", "bin", "sink", are not all toy
+# categories), whose headline is the ScanNet-20 mean. For the toy the headline stays the
+# present-category mean: it equals the mean over the toy's 8 categories whenever all 8 are in the
+# evaluated ground truth (a 600-record held-out evaluation: 600 val scenes hold 176-257 objects of
+# each), but a small periodic evaluation (--eval-limit) may miss some, and the fixed-list mean
+# would then change the numbers the toy runs have always logged; it is reported beside, as "toy".
+# `evaluate` decides the list from the whole records file, so a subset (--limit) keeps its list.
 
 # VG LLM's ScanNet-20 list (`cate20`), in its order. Its lmms-eval task returns the F1 mean over
 # `cate31` (these 20 plus 11 more, "lamp" twice, "towl" as spelled); its tables print cate8,
@@ -207,6 +219,15 @@ SCANNET20_CATEGORIES = (
     "chair", "pillow", "cabinet", "table", "lamp", "couch", "desk", "stand", "bed", "backpack",
     "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave", "monitor", "computer",
 )
+TOY_CATEGORIES = tuple(scenes.CATEGORY_NAMES)  # the toy world's 8, in its order
+CATEGORY_LISTS = {"scannet20": SCANNET20_CATEGORIES, "toy": TOY_CATEGORIES}
+
+
+def which_category_list(records: Sequence[dict]) -> str:
+    """"toy" when every ground-truth label of the detection records is a toy-world category, else
+    "scannet20" (the key of CATEGORY_LISTS whose mean is the headline: see above)."""
+    labels = {category(b["label"]) for r in records for b in r["boxes"]}
+    return "toy" if labels <= set(TOY_CATEGORIES) else "scannet20"
 
 
 def category(label: Any) -> str:
@@ -254,20 +275,37 @@ def macro_mean(per_category: dict[str, dict], categories: Sequence[str]) -> dict
     return {k: mean([m[k] for m in rows]) for k in ("precision", "recall", "f1")}
 
 
-def detection_metrics_at(records: Sequence[dict], completions: Sequence[str], iou_threshold: float) -> dict:
-    """P/R/F1 per category, two macro means (present categories; VG LLM's ScanNet-20), micro totals."""
+def detection_metrics_at(records: Sequence[dict], completions: Sequence[str], iou_threshold: float,
+                         category_list: str | None = None) -> dict:
+    """P/R/F1 per category, the macro means (present categories; VG LLM's ScanNet-20; for toy
+    data the toy's 8), micro totals. The top-level precision / recall / f1 are the headline mean,
+    named by "headline": "scannet20" for ScanNet data, "present" for the toy's (see above).
+    `category_list` ("toy" / "scannet20"; default: which_category_list(records)) says which."""
+    category_list = category_list or which_category_list(records)
+    if category_list not in CATEGORY_LISTS:
+        raise ValueError(f"unknown category list {category_list!r}; choose from {', '.join(CATEGORY_LISTS)}")
     counts, other_fp = detection_counts(records, completions, iou_threshold)
     per_category = {c: prf(*tp_fp_fn) for c, tp_fp_fn in counts.items()}
     tp, fp, fn = (sum(v[k] for v in counts.values()) for k in range(3))
+
+    def fixed(categories: Sequence[str]) -> dict:
+        return {**macro_mean(per_category, categories), "categories": sum(c in per_category for c in categories)}
+
     # unweighted means of the per-category values (so macro F1 is the mean of the category F1s,
     # not the F1 of macro P and macro R)
-    present = macro_mean(per_category, list(per_category))
+    present = {**macro_mean(per_category, list(per_category)), "categories": len(per_category)}
+    scannet20 = fixed(SCANNET20_CATEGORIES)  # VG LLM's published rule: the mean over its fixed list
+    headline = "scannet20" if category_list == "scannet20" else "present"
+    out = {
+        **{k: (scannet20 if headline == "scannet20" else present)[k] for k in ("precision", "recall", "f1")},
+        "headline": headline,
+        "present": present,
+        "scannet20": scannet20,
+    }
+    if category_list == "toy":
+        out["toy"] = fixed(TOY_CATEGORIES)  # = present whenever all 8 are in the ground truth
     return {
-        **present,  # precision / recall / f1: the present-category means (as "present")
-        "present": {**present, "categories": len(per_category)},
-        # VG LLM's published rule: the mean over its fixed ScanNet-20 list
-        "scannet20": {**macro_mean(per_category, SCANNET20_CATEGORIES),
-                      "categories": sum(c in per_category for c in SCANNET20_CATEGORIES)},
+        **out,
         # every box pooled, unknown labels included
         "micro": prf(tp, fp + other_fp, fn),
         "per_category": per_category,
@@ -303,18 +341,22 @@ def localisation_errors(records: Sequence[dict], completions: Sequence[str]) -> 
 
 
 def detection_metrics(records: Sequence[dict], completions: Sequence[str],
-                      truncated: Sequence[bool] | None = None) -> dict:
+                      truncated: Sequence[bool] | None = None, category_list: str | None = None) -> dict:
     """Detection metrics of a data set: {"@0.25": {...}, "@0.5": {...}} plus counts, format rate
-    and (given generation's flags) the share of completions cut by the token budget."""
+    and (given generation's flags) the share of completions cut by the token budget.
+    `category_list`: the data set's fixed category list, "toy" or "scannet20" (default: decided
+    from these records' labels, which_category_list)."""
     check_lengths(records, completions, truncated)
+    category_list = category_list or which_category_list(records)
     out: dict[str, Any] = {
         "num_samples": len(records),
         "format_rate": format_rate(records, completions),
         "truncated": truncated_share(truncated),
         "categories": sorted({category(b["label"]) for r in records for b in r["boxes"]}),
+        "category_list": category_list,
     }
     for t in IOU_THRESHOLDS:
-        out[f"@{t}"] = detection_metrics_at(records, completions, t)
+        out[f"@{t}"] = detection_metrics_at(records, completions, t, category_list)
     out["median_abs_error_m"] = localisation_errors(records, completions)
     return out
 
@@ -665,7 +707,8 @@ def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
     `max_new_tokens=None` uses the task's default for this model (data.max_new_tokens: the toy's,
     or the published budget + the answer tags for a real tokenizer). With `max_seq_len` the
     records are first checked to fit it with that budget (runtime.fit_lengths; with
-    record_options' skip_bad the others are left out).
+    record_options' skip_bad the others are left out). Detection scores its headline over the
+    fixed category list of the whole records file (which_category_list), also under --limit.
     """
     start = time.time()
     results: dict[str, Any] = {"meta": {"data": data_dir, "split": split, "tasks": list(tasks), "limit": limit,
@@ -681,7 +724,8 @@ def evaluate(net, tokenizer, image_cfg, data_dir: str, split: str = "val",
         completions, truncated = generate_completions(net, tokenizer, image_cfg, records, batch_size, n_tokens,
                                                       progress)
         # `truncated`: a cut answer scores 0, so its share says whether --max-new-tokens is too small.
-        metrics = score(task, records, completions, truncated)
+        options = {"category_list": which_category_list(every)} if task == "detection" else {}
+        metrics = score(task, records, completions, truncated, **options)
         metrics["max_new_tokens"] = n_tokens
         metrics["samples"] = [
             {"id": r.get("id"), "completion": c, "reference": r["conversations"][1]["value"]}
@@ -707,10 +751,14 @@ def summary(results: dict) -> dict[str, float]:
     rows: dict[str, float] = {}
     if "detection" in results:
         m = results["detection"]
-        for t in IOU_THRESHOLDS:
+        for t in IOU_THRESHOLDS:  # the headline: the mean over the data set's fixed list (see detection)
             rows[f"detection/F1@{t}"] = m[f"@{t}"]["f1"]
             rows[f"detection/P@{t}"] = m[f"@{t}"]["precision"]
             rows[f"detection/R@{t}"] = m[f"@{t}"]["recall"]
+        for t in IOU_THRESHOLDS:  # ScanNet data: the present-category mean beside its ScanNet-20 headline
+            if m[f"@{t}"].get("headline", "present") != "present":  # (results saved before: present)
+                for key, name in (("f1", "F1"), ("precision", "P"), ("recall", "R")):
+                    rows[f"detection/{name}@{t} present"] = m[f"@{t}"]["present"][key]
         for t in IOU_THRESHOLDS:  # VG LLM's rule: the mean over its fixed ScanNet-20 list
             if "scannet20" in m[f"@{t}"]:  # (absent from results saved before it existed)
                 for key, name in (("f1", "F1"), ("precision", "P"), ("recall", "R")):

@@ -140,6 +140,78 @@ def test_scannet20_matches_the_transcribed_vgllm_aggregation():
     assert m["f1"] == pytest.approx((2 / 3 + 1 + 1) / 3)  # present categories: chair, bed, plant
 
 
+def test_headline_is_the_scannet20_mean_for_scannet_records():
+    """ScanNet labels (couch, bin: not toy categories): the headline F1 is VG LLM's ScanNet-20 mean,
+    the present-category mean a second key. chair and couch found, the bin missed: 2/20 vs 2/3."""
+    records = [{"task": "detection", "boxes": [{"label": "chair", "bbox_3d": box(0, 0, 2)}]},
+               {"task": "detection", "boxes": [{"label": "couch", "bbox_3d": box(2, 0, 4)},
+                                               {"label": "bin", "bbox_3d": box(-2, 0, 4)}]}]
+    completions = [tagged(records[0]["boxes"]), fenced(records[1]["boxes"][:1])]
+    assert ev.which_category_list(records) == "scannet20" and ev.which_category_list(records[:1]) == "toy"
+    metrics = ev.detection_metrics(records, completions)
+    m = metrics["@0.25"]
+    assert metrics["category_list"] == "scannet20" and m["headline"] == "scannet20" and "toy" not in m
+    assert m["f1"] == pytest.approx(0.1) and m["present"]["f1"] == pytest.approx(2 / 3)
+    counts = {c: (v["tp"], v["fp"], v["fn"]) for c, v in m["per_category"].items()}
+    expected = vgllm_aggregate(counts, ev.SCANNET20_CATEGORIES)  # VG LLM's aggregation, transcribed
+    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+    rows = ev.summary({"detection": metrics})
+    assert rows["detection/F1@0.25"] == pytest.approx(0.1) == rows["detection/F1@0.25 ScanNet-20"]
+    assert rows["detection/F1@0.25 present"] == pytest.approx(2 / 3)
+    assert rows["detection/P@0.5 present"] == m["present"]["precision"]  # both thresholds
+    # a subset scored under its file's list (evaluate passes it) keeps the ScanNet-20 headline:
+    # the chair record alone would look like toy data
+    alone = ev.detection_metrics(records[:1], completions[:1], category_list="scannet20")["@0.25"]
+    assert alone["f1"] == pytest.approx(1 / 20) and alone["present"]["f1"] == 1.0
+    with pytest.raises(ValueError, match="unknown category list"):
+        ev.detection_metrics(records, completions, category_list="coco")
+
+
+def test_toy_headline_stays_the_present_mean():
+    """Toy labels: the headline is the present-category mean, equal to the mean over the toy's 8
+    categories ("toy") once all 8 are in the ground truth, as in a 600-record held-out evaluation;
+    a small subset missing some keeps the present mean as its headline (the toy's logged numbers)."""
+    assert ev.TOY_CATEGORIES == ("chair", "table", "sofa", "bed", "cabinet", "lamp", "plant", "tv")
+    gt = [{"label": c, "bbox_3d": box(3 * i, 0, 4)} for i, c in enumerate(ev.TOY_CATEGORIES)]
+    records = [{"task": "detection", "boxes": gt[:4]}, {"task": "detection", "boxes": gt[4:]}]
+    completions = [tagged(gt[:4]), tagged(gt[4:7])]  # the tv missed
+    metrics = ev.detection_metrics(records, completions)
+    m = metrics["@0.25"]
+    assert metrics["category_list"] == "toy" and m["headline"] == "present"
+    assert m["f1"] == pytest.approx(7 / 8) == m["toy"]["f1"] == m["present"]["f1"]
+    assert m["toy"]["categories"] == 8 and m["scannet20"]["f1"] == pytest.approx(5 / 20)  # chair table bed cabinet lamp
+    rows = ev.summary({"detection": metrics})
+    assert rows["detection/F1@0.25"] == pytest.approx(7 / 8) and not any(k.endswith(" present") for k in rows)
+    few = ev.detection_metrics(records[:1], completions[:1])["@0.25"]  # chair, table, sofa, bed only
+    assert few["f1"] == 1.0 == few["present"]["f1"] and few["toy"]["f1"] == pytest.approx(4 / 8)
+    # results saved before the rule (no "headline"): read as the present mean
+    old = json.loads(json.dumps(metrics))
+    for t in ev.IOU_THRESHOLDS:
+        del old[f"@{t}"]["headline"]
+    assert ev.summary({"detection": old}) == rows
+
+
+def test_evaluate_takes_the_category_list_from_the_whole_file(tmp_path, monkeypatch):
+    """--limit 1 picks a chair-only record of a ScanNet file: still scored under ScanNet-20."""
+    import model
+    from tests.real_checkpoint import make_records
+
+    make_records(tmp_path / "val", n=3)
+    path = tmp_path / "val" / "detection.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[2]["boxes"] = [{"label": "couch", "bbox_3d": box(1, 0, 3)}]
+    rows[2]["conversations"][1]["value"] = data.detection_answer(rows[2]["boxes"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seed = next(s for s in range(20) if ev.select_records([0, 1, 2], 1, s) != [2])
+    monkeypatch.setattr(ev, "generate_completions", lambda net, tok, cfg, records, *a: ([""] * len(records),
+                                                                                     [False] * len(records)))
+    _, tokenizer, cfg = model.load_model("toy")
+    results = ev.evaluate(None, tokenizer, cfg, str(tmp_path), "val", limit=1, seed=seed, progress=False)
+    m = results["detection"]
+    assert m["num_samples"] == 1 and m["categories"] == ["chair"] and m["category_list"] == "scannet20"
+    assert m["@0.25"]["headline"] == "scannet20" and m["max_new_tokens"] == data.max_new_tokens("detection", False)
+
+
 def test_detection_euler_convention_is_vgllm_s():
     """VG LLM's detection IoU builds corners with pytorch3d euler_angles_to_matrix(angles, "ZXY") =
     Rz(a0) Rx(a1) Ry(a2) (right-handed), centre-origin full extents: boxes.box_rotation exactly."""
