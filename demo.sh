@@ -1,69 +1,143 @@
 #!/usr/bin/env bash
 # The headline demo (docs/DESIGN.md, "The synthetic world"), the paper's ablation in miniature, on a laptop CPU:
-#   synthetic data -> SFT -> { GRPO | more SFT for the same extra wall time } -> held-out evaluation
-# then a table (mean and range over 3 evaluation seeds) and the GRPO reward curve.
+#   synthetic data -> one SFT warm-up on all three tasks -> per task { GRPO | more SFT for the same extra
+#   wall time } -> held-out evaluation, then per task a table (mean and range over 3 evaluation seeds)
+#   and the GRPO reward curve.
+#
+#   bash demo.sh                      all three tasks
+#   bash demo.sh grounding            one task (detection | grounding | spatial), after the shared warm-up
+#   TRAIN_SEEDS="0 1 2" bash demo.sh  each arm over 3 training seeds (a second table: the runs' spread)
+#   OUT=runs/nogeo SFT_FLAGS="--geometry off" bash demo.sh grounding   the geometry-prior ablation
+#                                     (its own warm-up in $OUT/sft, runs and report under $OUT)
+#
 # Every step is a plain script with its own --help; change the numbers here to scale it.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
-SFT_STEPS=${SFT_STEPS:-2500}        # supervised warm-up steps (batch 16)
-GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps (8 prompts x G=8 completions)
-GRPO_TEMP=${GRPO_TEMP:-0.7}         # sampling temperature of the rollouts (docs/EXPERIMENTS.md item 10: 1.0 mostly sharpens)
-EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out detection records per evaluation seed (of 600 scenes x 3)
+TASKS=${1:-all}
+[ "$TASKS" = all ] && TASKS="detection grounding spatial"
+for task in $TASKS; do
+  case $task in detection|grounding|spatial) ;; *) echo "usage: bash demo.sh [all|detection|grounding|spatial]" >&2; exit 2;; esac
+done
+SFT_STEPS=${SFT_STEPS:-3000}        # shared supervised warm-up steps (batch 16, the three tasks mixed)
+GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps per task (8 prompts x G=8 completions)
+TRAIN_SEEDS=${TRAIN_SEEDS:-0}       # training seeds per arm (GRPO and more SFT), e.g. "0 1 2"
+EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out records per evaluation seed and task
+OUT=${OUT:-runs}                    # every run folder and report goes under here
+SFT_FLAGS=${SFT_FLAGS:-}            # extra flags of the warm-up (e.g. --geometry off); GRPO and more SFT inherit its model
+PLOTS=$( [ "$OUT" = runs ] && echo docs || echo "$OUT" )   # the reward curves the README shows come from the default run
 start=$(date +%s)
 
+# GRPO arms per task, "name:flags" (docs/EXPERIMENTS.md). Each task's default reward
+# (rewards.TASK_REWARDS): detection R_format + R_IoU + R_F1, rollouts at T 0.7 (item 10);
+# grounding R_format + R_frame + R_IoU; spatial R_format + accuracy / MRA by question type, the
+# paper's way (LoRA, beta = 0) and, beside it, full fine-tuning with the KL term (beta 0.04).
+grpo_arms() {
+  case $1 in
+    detection) echo "grpo:--temperature=0.7";;
+    grounding) echo "grpo:--temperature=0.7";;
+    spatial)   echo "grpo:--lora-rank=8,--lora-alpha=16,--beta=0,--lr=3e-3 grpo_full:--beta=0.04";;
+  esac
+}
+arm_title() { [ "$1" = grpo_full ] && echo "SFT -> GRPO (full; beta 0.04)" || { [ "$2" = spatial ] && echo "SFT -> GRPO (LoRA; beta 0)" || echo "SFT -> GRPO"; }; }
+# The task's headline metric first (the table's order).
+report_metrics() {
+  case $1 in
+    detection) echo "detection/F1@0.25,detection/P@0.25,detection/R@0.25,detection/F1@0.5,detection/format";;
+    grounding) echo "grounding/Acc@0.25,grounding/Acc@0.5,grounding/mean IoU,grounding/frame acc,grounding/format";;
+    spatial)   echo "spatial/overall,spatial/object_counting (mra),spatial/object_abs_distance (mra),spatial/object_size_estimation (mra),spatial/room_size_estimation (mra),spatial/object_rel_distance (accuracy),spatial/object_rel_direction (accuracy),spatial/obj_appearance_order (accuracy),spatial/format";;
+  esac
+}
+
 echo "== 1. synthetic world (train 500 scenes, held-out 600 scenes)"
-# Made once and reused; a folder from an older version with fewer held-out scenes is made again
-# (the table needs scenes.py's defaults: val scenes x detection records per scene), and an SFT
-# checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
-set_sft_aside() { echo "$1: moving runs/sft to runs/sft.stale"; rm -rf runs/sft.stale; mv runs/sft runs/sft.stale; }
-needed=$($PY -c "import scenes; print(scenes.DEFAULT_VAL_SCENES * scenes.DETECTION_RECORDS)")
-val_records=$( [ -f data/toy/val/detection.jsonl ] && wc -l < data/toy/val/detection.jsonl || echo 0 )
-if [ "$val_records" -lt "$needed" ]; then
+# Made once and reused; a folder from an older version with fewer held-out scenes, or with
+# grounding records on other frames, is made again (the tables need scenes.py's defaults), and an
+# SFT checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
+set_sft_aside() { echo "$1: moving $OUT/sft to $OUT/sft.stale"; rm -rf "$OUT/sft.stale"; mv "$OUT/sft" "$OUT/sft.stale"; }
+current=$($PY -c "
+import json, scenes
+try:
+    n = sum(1 for _ in open('data/toy/val/detection.jsonl'))
+    first = json.loads(open('data/toy/val/grounding.jsonl').readline())
+    ok = n >= scenes.DEFAULT_VAL_SCENES * scenes.DETECTION_RECORDS and len(first['images']) == scenes.GROUNDING_FRAMES
+    print('yes' if ok else 'no')
+except (OSError, KeyError, ValueError):
+    print('no')")
+if [ "$current" != yes ]; then
   $PY scenes.py --out data/toy --no-progress
-  [ ! -d runs/sft ] || set_sft_aside "data/toy was made again"
+  [ ! -d $OUT/sft ] || set_sft_aside "data/toy was made again"
 fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
-echo "== 2. SFT warm-up"
-# A finished runs/sft is reused, unless it stopped early or was trained for another step count
-# or toy model size (e.g. by an older version of this script): it is then moved aside.
+echo "== 2. SFT warm-up on detection, grounding and spatial QA"
+# A finished $OUT/sft is reused, unless it stopped early or was trained for another step count,
+# task mix, geometry switch or toy model size (e.g. by an older version of this script): it is
+# then moved aside.
 reusable=$($PY -c "
-import json, model
+import json, model, sft
 try:
-    state = json.load(open('runs/sft/latest/trainer_state.json'))
-    text = json.load(open('runs/sft/latest/config.json'))['text_config']
-    size = model.ToySize()
-    same = (state['step'], state['args']['steps'], text['hidden_size'], text['num_hidden_layers'])
-    print('yes' if same == ($SFT_STEPS, $SFT_STEPS, size.hidden, size.layers) else 'no')
+    state = json.load(open('$OUT/sft/latest/trainer_state.json'))
+    text = json.load(open('$OUT/sft/latest/config.json'))['text_config']
+    size, geometry = model.ToySize(), sft.parse_args('$SFT_FLAGS'.split()).geometry
+    same = (state['step'], state['args']['steps'], list(state['args']['tasks']), state['args']['geometry'],
+            text['hidden_size'], text['num_hidden_layers'])
+    print('yes' if same == ($SFT_STEPS, $SFT_STEPS, ['detection', 'grounding', 'spatial'], geometry, size.hidden, size.layers) else 'no')
 except (OSError, KeyError, TypeError, ValueError):
     print('no')")
 if [ "$reusable" != yes ]; then
-  [ ! -d runs/sft ] || set_sft_aside "runs/sft is unfinished or has other settings"
-  $PY sft.py --out runs/sft --steps "$SFT_STEPS" --no-progress
+  [ ! -d $OUT/sft ] || set_sft_aside "$OUT/sft is unfinished or has other settings"
+  $PY sft.py --out $OUT/sft --tasks detection,grounding,spatial --steps "$SFT_STEPS" $SFT_FLAGS --no-progress
 fi
+median_step_s() { $PY -c "import json; r=sorted(x['step_s'] for x in map(json.loads, open('$1')) if 'step_s' in x); print(r[len(r)//2])"; }
 
-echo "== 3. GRPO from the SFT checkpoint (timed)"
-t0=$(date +%s)
-$PY grpo.py --init runs/sft/latest --out runs/grpo --overwrite --steps "$GRPO_STEPS" --temperature "$GRPO_TEMP" --no-progress
-grpo_seconds=$(( $(date +%s) - t0 ))
-
-echo "== 4. SFT -> more SFT for the same wall time (${grpo_seconds}s)"
-# Steps that fit in GRPO's wall time at the measured SFT step time of step 2.
-sft_step_s=$($PY -c "import json; r=sorted(x['step_s'] for x in map(json.loads, open('runs/sft/metrics.jsonl')) if 'step_s' in x); print(r[len(r)//2])")
-more_steps=$($PY -c "print(max(1, int($grpo_seconds / $sft_step_s)))")
-$PY sft.py --model runs/sft/latest --out runs/sft_more --overwrite --steps "$more_steps" --lr 5e-4 --warmup 10 --no-progress
-
-echo "== 5. held-out evaluation, 3 seeds each"
-for run in sft sft_more grpo; do
+evaluate() {  # evaluate MODEL TASK OUT_FOLDER: 3 evaluation seeds, each another EVAL_LIMIT held-out records
+  mkdir -p "$3"
   for seed in 0 1 2; do
-    $PY eval.py --model runs/$run/latest --data data/toy --split val --tasks detection \
-      --limit "$EVAL_LIMIT" --seed $seed --no-progress --out runs/$run/eval_seed$seed.json > /dev/null
+    $PY eval.py --model "$1" --data data/toy --split val --tasks "$2" --limit "$EVAL_LIMIT" --seed $seed \
+      --no-progress --out "$3/eval_seed$seed.json" > /dev/null
   done
-done
+}
 
-echo "== 6. report"
-$PY report.py --runs "SFT=runs/sft,SFT -> more SFT=runs/sft_more,SFT -> GRPO=runs/grpo" \
-  --metrics "detection/F1@0.25,detection/P@0.25,detection/R@0.25,detection/F1@0.5,detection/format" \
-  --grpo-metrics runs/grpo/metrics.jsonl --plot docs/reward_curve.png | tee runs/report.md
+for task in $TASKS; do
+  echo "== 3. $task: GRPO from the SFT checkpoint (timed), then more SFT for the same wall time"
+  # The step time of more SFT on this task (a 20-step probe, median), for the more-SFT step counts.
+  $PY sft.py --model $OUT/sft/latest --tasks "$task" --out "$OUT/$task/sft_probe" --overwrite --steps 20 --log-every 2 \
+    --lr 5e-4 --warmup 10 --no-progress > /dev/null
+  sft_step_s=$(median_step_s "$OUT/$task/sft_probe/metrics.jsonl")
+  declare -A runs=()
+  more_runs=""
+  for seed in $TRAIN_SEEDS; do
+    grpo_seconds=0
+    for arm in $(grpo_arms "$task"); do
+      name=${arm%%:*}; flags=${arm#*:}
+      t0=$(date +%s)
+      $PY grpo.py --init $OUT/sft/latest --task "$task" --out "$OUT/$task/${name}_s$seed" --overwrite --seed "$seed" \
+        --steps "$GRPO_STEPS" ${flags//,/ } --no-progress
+      [ "$grpo_seconds" -gt 0 ] || grpo_seconds=$(( $(date +%s) - t0 ))   # the first arm's time
+      runs[$name]="${runs[$name]:-}+$OUT/$task/${name}_s$seed"
+    done
+    # Steps that fit in the first GRPO arm's wall time at the probe's step time.
+    more_steps=$($PY -c "print(max(1, int($grpo_seconds / $sft_step_s)))")
+    echo "   more SFT: $more_steps steps for GRPO's ${grpo_seconds}s"
+    $PY sft.py --model $OUT/sft/latest --tasks "$task" --out "$OUT/$task/sft_more_s$seed" --overwrite --seed "$seed" \
+      --steps "$more_steps" --lr 5e-4 --warmup 10 --no-progress
+    more_runs="$more_runs+$OUT/$task/sft_more_s$seed"
+  done
+
+  echo "== 4. $task: held-out evaluation, 3 seeds each"
+  evaluate $OUT/sft/latest "$task" "$OUT/$task/sft"
+  table="SFT=$OUT/$task/sft,SFT -> more SFT=${more_runs#+}"
+  for arm in $(grpo_arms "$task"); do
+    name=${arm%%:*}
+    for run in ${runs[$name]//+/ }; do evaluate "$run/latest" "$task" "$run"; done
+    table="$table,$(arm_title "$name" "$task")=${runs[$name]#+}"
+  done
+  for run in ${more_runs//+/ }; do evaluate "$run/latest" "$task" "$run"; done
+
+  echo "== 5. $task: report"
+  $PY report.py --runs "$table" --metrics "$(report_metrics "$task")" \
+    --grpo-metrics "$OUT/$task/grpo_s${TRAIN_SEEDS%% *}/metrics.jsonl" --plot "$PLOTS/reward_curve_$task.png" \
+    | tee "$OUT/report_$task.md"
+  unset runs
+done
 echo "total wall time: $(( $(date +%s) - start ))s"
