@@ -527,6 +527,12 @@ def detection_offsets(num_frames: int) -> list[int]:
     return sorted(set(uniform_indices(last + 1, DETECTION_RECORDS)))
 
 
+def detection_windows(num_frames: int) -> list[list[int]]:
+    """The frames of each detection window (the grounding records use the same windows)."""
+    return [strided_indices(num_frames, start, DETECTION_FRAMES, DETECTION_STRIDE)
+            for start in detection_offsets(num_frames)]
+
+
 def patch_points(depth: np.ndarray, cam2global: np.ndarray, cam2img: np.ndarray) -> np.ndarray:
     """Per-patch mean 3D point (Hp, Wp, 3) of one frame, in world coordinates.
 
@@ -719,8 +725,7 @@ def grounding_records(scene: Scene, frames: dict[int, Frame],
     largest (the first such frame on ties). The answer box is in that frame's camera
     coordinates; gt_bbox is the target in the axis-aligned scene frame.
     """
-    windows = [strided_indices(len(scene.poses), start, GROUNDING_FRAMES, DETECTION_STRIDE)
-               for start in detection_offsets(len(scene.poses))]
+    windows = detection_windows(len(scene.poses))
     records = []
     for n, desc in describe_objects(scene.objects, rng).items():
         # The window, and its frame, where the target is largest among those where it is visible.
@@ -919,16 +924,15 @@ def spatial_records(scene: Scene, frames: dict[int, Frame],
 def used_frames(num_frames: int) -> list[int]:
     """Path steps that some record uses (only these are rendered and written)."""
     used = set(uniform_indices(num_frames, SPATIAL_FRAMES))
-    for start in detection_offsets(num_frames):  # the grounding records use these windows too
-        used |= set(strided_indices(num_frames, start, DETECTION_FRAMES, DETECTION_STRIDE))
+    for window in detection_windows(num_frames):  # the grounding records use these windows too
+        used |= set(window)
     return sorted(used)
 
 
 def _all_objects_seen(scene: Scene, frames: dict[int, Frame]) -> bool:
     """Every object visible in some detection (= grounding) window and in some spatial frame (so
     every count, order and description can be answered from the frames of the record)."""
-    windows = [strided_indices(len(scene.poses), start, DETECTION_FRAMES, DETECTION_STRIDE)
-               for start in detection_offsets(len(scene.poses))]
+    windows = detection_windows(len(scene.poses))
     for indices in ([i for w in windows for i in w], uniform_indices(len(scene.poses), SPATIAL_FRAMES)):
         seen = np.zeros(len(scene.objects), dtype=bool)
         for i in indices:
