@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         for item in args.runs.split(","):
             name, _, folders = item.partition("=")
             arms[name.strip()] = [load_run(folder.strip()) for folder in folders.split("+")]
-        metrics = args.metrics.split(",") if args.metrics else None
+        summaries = {name: [[evaluation.summary(r) for r in results] for results in runs]
+                     for name, runs in arms.items()}
+        first = next(iter(summaries.values()))[0][0]
+        metrics = args.metrics.split(",") if args.metrics else [m for m in first if "/" in m]
         print(seed_table({name: runs[0] for name, runs in arms.items()}, metrics))
         if any(len(runs) > 1 for runs in arms.values()):
-            headline = metrics[0] if metrics else next(m for m in evaluation.summary(arms[name][0][0]) if "/" in m)
-            summaries = {name: [[evaluation.summary(r) for r in results] for results in runs]
-                         for name, runs in arms.items()}
-            print("\n" + training_seed_table(summaries, headline))
+            print("\n" + training_seed_table(summaries, metrics[0]))  # the first metric: the headline
         if args.grpo_metrics:
             if not os.path.exists(args.grpo_metrics):
                 raise FileNotFoundError(f"GRPO metrics not found: {args.grpo_metrics}")
