@@ -1,8 +1,8 @@
 """--fsdp (FSDP2 `fully_shard`): the numbers of an unsharded run, an exact resume, whole checkpoints.
 
 Every sharded run is 2 processes on the CPU (gloo) under torchrun: SFT through tests/test_sft.py's
-`run`, GRPO through this file run as a module (`__main__` below registers tests/test_grpo.py's test
-reward, the share of digits, in each process). torchrun, not `mp.spawn`: measured 14 s against
+`run`, GRPO through tests/test_grpo.py's `run_grpo` (that file run as a module registers its test reward,
+the share of digits, in each process). torchrun, not `mp.spawn`: measured 14 s against
 29 s for the same 2-process run here. The unsharded references run in this process. Compared:
 - SFT: 2 steps with --fsdp (2 micro-batches per process, a periodic evaluation) give the weights,
   losses and gradient norms of the same 2 steps in one process; the checkpoint is the unsharded
@@ -15,8 +15,6 @@ reward, the share of digits, in each process). torchrun, not `mp.spawn`: measure
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,9 +24,9 @@ import grpo
 import model
 import rewards
 import sft
-from tests.test_grpo import base_args, digit_share, final_weights, metric_lines
+from tests.test_grpo import base_args, digit_share, final_weights, metric_lines, run_grpo
 from tests.test_model_data import make_records
-from tests.test_sft import COMMON, ROOT, make_start_weights, weights
+from tests.test_sft import COMMON, make_start_weights, weights
 from tests.test_sft import run as run_sft
 
 TIMES = ("time", "step_s", "tokens_per_s", "rollout_s", "update_s")
@@ -75,13 +73,6 @@ def assert_weights_close(a: dict, b: dict, **tolerance) -> None:
 
 def optimizer_state(out) -> dict:
     return torch.load(os.path.join(out, "latest", "optimizer.pt"), weights_only=False)
-
-
-def run_grpo(argv: list) -> None:
-    """grpo.py's main with the test reward, in 2 processes under torchrun (this file's __main__)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "tests.test_fsdp"]
-    out = subprocess.run(launcher + argv, capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -172,8 +163,3 @@ def test_grpo_fsdp_with_lora_in_bfloat16_matches_one_process(data_dir, tmp_path,
     updates = [k for k in a if k.endswith("lora_B")]  # B starts at 0: its value is the update
     differ = sum(float((a[k] - b[k]).abs().sum()) for k in updates) / sum(float(a[k].abs().sum()) for k in updates)
     assert 0 <= differ < 1e-2  # measured 0.0025
-
-
-if __name__ == "__main__":  # run_grpo's entry point, in each of torchrun's processes
-    rewards.REWARDS["digits"] = digit_share
-    grpo.main(sys.argv[1:])

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -10,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import grpo
 import rewards
 from tests.test_model_data import make_records
+from tests.test_sft import TORCHRUN, run_until_deadline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -286,18 +285,10 @@ def digit_share(completion: str, record: dict) -> float:
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker(rank: int, world_size: int, port: int, argv: list) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    rewards.REWARDS["digits"] = digit_share
-    grpo.main(argv)
+def run_grpo(argv: list) -> None:
+    """grpo.py's main with the test reward, in 2 processes under torchrun (this file's __main__)."""
+    out = run_until_deadline(TORCHRUN + ["-m", "tests.test_grpo"] + argv)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -322,11 +313,15 @@ def metric_lines(out):
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one(data_dir, tmp_path):
-    args = base_args(data_dir, tmp_path / "one", steps=1)
-    mp.spawn(worker, args=(1, free_port(), args), nprocs=1)
-    args2 = base_args(data_dir, tmp_path / "two", steps=1)
-    mp.spawn(worker, args=(2, free_port(), args2), nprocs=2)
+def test_two_processes_match_one(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process runs (OMP_NUM_THREADS=1)
+    try:
+        grpo.main(base_args(data_dir, tmp_path / "one", steps=1))
+    finally:
+        torch.set_num_threads(threads)
+    run_grpo(base_args(data_dir, tmp_path / "two", steps=1))
     one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert one[0]["reward"] == pytest.approx(two[0]["reward"], abs=1e-6)  # same samples
     assert one[0]["reward_std"] > 0 and one[0]["grad_norm"] > 0  # a real gradient step
@@ -466,3 +461,8 @@ def test_chunked_token_logprobs_equal_the_plain_full_vocabulary_ones(dtype):
     assert torch.equal(grad_got, grad_expected)
     with torch.no_grad():  # the reference pass: no checkpointing, same numbers
         assert torch.equal(grpo.token_logprobs(logits, targets, banned, 0.7, rows_per_chunk=2), expected)
+
+
+if __name__ == "__main__":  # run_grpo's entry point, in each of torchrun's processes
+    rewards.REWARDS["digits"] = digit_share
+    grpo.main(sys.argv[1:])

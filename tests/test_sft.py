@@ -1,8 +1,10 @@
 """SFT: one step on 2 processes equals one step on 1; an interrupted run resumes exactly."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,9 +24,31 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+DEADLINE_S = 300  # a 2-process toy run takes 10-30 s here; a hang in gloo's teardown must not stall CI
+
+
+def run_until_deadline(command: list, deadline_s: float = DEADLINE_S) -> subprocess.CompletedProcess:
+    """Run a command (torchrun and its workers in a session of their own) and fail, not hang.
+
+    A 2-process run once hung in teardown (one rank waiting in a futex after the other had left):
+    past the deadline the whole process group is killed, workers included, and the test fails
+    with the output so far.
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=deadline_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(command[:6])} ... still running after {deadline_s} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def run(args, torchrun=False):
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [PYTHON]
-    out = subprocess.run(launcher + [os.path.join(ROOT, "sft.py")] + args, capture_output=True, text=True, cwd=ROOT)
+    launcher = TORCHRUN if torchrun else [PYTHON]
+    out = run_until_deadline(launcher + [os.path.join(ROOT, "sft.py")] + args)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -84,7 +108,8 @@ def test_resume_refuses_changed_settings_but_not_bookkeeping():
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    out = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--data", str(tmp_path / "missing")],
+    # Its own --out: the default runs/sft may hold a run in a work tree, which is refused first.
+    out = subprocess.run([PYTHON, os.path.join(ROOT, "sft.py"), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "records not found" in out.stderr
@@ -128,3 +153,25 @@ def test_device_flag_errors_are_one_line(monkeypatch):
         with pytest.raises(SystemExit, match=f"--device {device}, but this machine has no usable CUDA GPU"):
             runtime.setup_distributed(device)
     assert runtime.setup_distributed("auto").device == torch.device("cpu")
+
+
+def test_a_hung_run_fails_at_its_deadline_with_its_workers_killed(tmp_path):
+    """The 2-process tests' guard: a launcher whose worker hangs fails the test and leaves no process."""
+    pid_file = tmp_path / "worker.pid"
+    # A "launcher" that starts a worker sleeping far past the deadline, then waits for it.
+    hang = (f"import subprocess, sys; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(w.pid)); print('started', flush=True); w.wait()")
+    with pytest.raises(pytest.fail.Exception, match="still running after 3 s"):
+        run_until_deadline([PYTHON, "-c", hang], deadline_s=3)
+    worker = int(pid_file.read_text())
+    time.sleep(0.2)
+    assert process_state(worker) in (None, "Z")  # gone, or dead and waiting for its parent to reap it
+
+
+def process_state(pid: int) -> str | None:
+    """One letter from /proc/PID/stat (R running, S sleeping, Z dead, ...), None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
