@@ -20,13 +20,14 @@ for task in $TASKS; do
   case $task in detection|grounding|spatial) ;; *) echo "usage: bash demo.sh [all|detection|grounding|spatial]" >&2; exit 2;; esac
 done
 SFT_STEPS=${SFT_STEPS:-3000}        # shared supervised warm-up steps (batch 16, the three tasks mixed)
-GRPO_STEPS=${GRPO_STEPS:-60}        # GRPO steps per task (8 prompts x G=8 completions)
+GRPO_STEPS=${GRPO_STEPS:-}         # GRPO steps (8 prompts x G=8 completions) for every task; default per task below
 TRAIN_SEEDS=${TRAIN_SEEDS:-0}       # training seeds per arm (GRPO and more SFT), e.g. "0 1 2"
 EVAL_LIMIT=${EVAL_LIMIT:-600}       # held-out records per evaluation seed and task
 OUT=${OUT:-runs}                    # every run folder and report goes under here
 SFT_FLAGS=${SFT_FLAGS:-}            # extra flags of the warm-up (e.g. --geometry off); GRPO and more SFT inherit its model
 PLOTS=$( [ "$OUT" = runs ] && echo docs || echo "$OUT" )   # the reward curves the README shows come from the default run
 start=$(date +%s)
+stage() { echo "== $* [$(( $(date +%s) - start )) s in]"; }   # a step title, with the time so far
 
 # GRPO arms per task, "name:flags" (docs/EXPERIMENTS.md). Each task's default reward
 # (rewards.TASK_REWARDS): detection R_format + R_IoU + R_F1, rollouts at T 0.7 (item 10);
@@ -39,6 +40,12 @@ grpo_arms() {
     spatial)   echo "grpo:--lora-rank=8,--lora-alpha=16,--beta=0,--lr=3e-3 grpo_full:--beta=0.04";;
   esac
 }
+# GRPO steps per task: where the training reward of a longer run levels off (docs/EXPERIMENTS.md
+# item 34: detection's R_IoU + R_F1 by step ~90, grounding's R_frame + R_IoU by ~120, spatial 60).
+grpo_steps() {
+  [ -z "$GRPO_STEPS" ] || { echo "$GRPO_STEPS"; return; }
+  case $1 in detection) echo 90;; grounding) echo 120;; spatial) echo 60;; esac
+}
 arm_title() { [ "$1" = grpo_full ] && echo "SFT -> GRPO (full; beta 0.04)" || { [ "$2" = spatial ] && echo "SFT -> GRPO (LoRA; beta 0)" || echo "SFT -> GRPO"; }; }
 # The task's headline metric first (the table's order).
 report_metrics() {
@@ -49,7 +56,7 @@ report_metrics() {
   esac
 }
 
-echo "== 1. synthetic world (train 500 scenes, held-out 600 scenes)"
+stage "1. synthetic world (train 500 scenes, held-out 600 scenes)"
 # Made once and reused; a folder from an older version with fewer held-out scenes, or with
 # grounding records on other frames, is made again (the tables need scenes.py's defaults), and an
 # SFT checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
@@ -69,7 +76,7 @@ if [ "$current" != yes ]; then
 fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
-echo "== 2. SFT warm-up on detection, grounding and spatial QA"
+stage "2. SFT warm-up on detection, grounding and spatial QA"
 # A finished $OUT/sft is reused, unless it stopped early or was trained for another step count,
 # task mix, geometry switch or toy model size (e.g. by an older version of this script): it is
 # then moved aside.
@@ -99,7 +106,7 @@ evaluate() {  # evaluate MODEL TASK OUT_FOLDER: 3 evaluation seeds, each another
 }
 
 for task in $TASKS; do
-  echo "== 3. $task: GRPO from the SFT checkpoint (timed), then more SFT for the same wall time"
+  stage "3. $task: GRPO from the SFT checkpoint (timed), then more SFT for the same wall time"
   # The step time of more SFT on this task (a 20-step probe, median), for the more-SFT step counts.
   $PY sft.py --model $OUT/sft/latest --tasks "$task" --out "$OUT/$task/sft_probe" --overwrite --steps 20 --log-every 2 \
     --lr 5e-4 --warmup 10 --no-progress > /dev/null
@@ -112,7 +119,7 @@ for task in $TASKS; do
       name=${arm%%:*}; flags=${arm#*:}
       t0=$(date +%s)
       $PY grpo.py --init $OUT/sft/latest --task "$task" --out "$OUT/$task/${name}_s$seed" --overwrite --seed "$seed" \
-        --steps "$GRPO_STEPS" ${flags//,/ } --no-progress
+        --steps "$(grpo_steps "$task")" ${flags//,/ } --no-progress
       [ "$grpo_seconds" -gt 0 ] || grpo_seconds=$(( $(date +%s) - t0 ))   # the first arm's time
       runs[$name]="${runs[$name]:-}+$OUT/$task/${name}_s$seed"
     done
@@ -124,7 +131,7 @@ for task in $TASKS; do
     more_runs="$more_runs+$OUT/$task/sft_more_s$seed"
   done
 
-  echo "== 4. $task: held-out evaluation, 3 seeds each"
+  stage "4. $task: held-out evaluation, 3 seeds each"
   evaluate $OUT/sft/latest "$task" "$OUT/$task/sft"
   table="SFT=$OUT/$task/sft,SFT -> more SFT=${more_runs#+}"
   for arm in $(grpo_arms "$task"); do
@@ -134,7 +141,7 @@ for task in $TASKS; do
   done
   for run in ${more_runs//+/ }; do evaluate "$run/latest" "$task" "$run"; done
 
-  echo "== 5. $task: report"
+  stage "5. $task: report"
   $PY report.py --runs "$table" --metrics "$(report_metrics "$task")" \
     --grpo-metrics "$OUT/$task/grpo_s${TRAIN_SEEDS%% *}/metrics.jsonl" --plot "$PLOTS/reward_curve_$task.png" \
     | tee "$OUT/report_$task.md"
