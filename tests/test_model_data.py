@@ -163,6 +163,24 @@ def test_save_and_load_round_trip(tmp_path, toy):
     assert no_geometry.geometry_dim == 0
 
 
+def test_patch_projection_is_the_convolution(toy):
+    """The ViT's patch embedding as one matmul: the Conv3d's output and gradients, its weight name."""
+    net, _, _ = toy
+    proj = net.lm.model.visual.patch_embed.proj
+    assert type(proj) is model.PatchProjection
+    assert "lm.model.visual.patch_embed.proj.weight" in net.state_dict()  # checkpoints unchanged
+    torch.manual_seed(0)
+    patches = torch.randn(40, *proj.weight.shape[1:], requires_grad=True)
+    conv = torch.nn.Conv3d(proj.in_channels, proj.out_channels, proj.kernel_size, proj.stride, bias=False)
+    conv.weight.data.copy_(proj.weight.data)
+    ours, reference = proj(patches), conv(patches)  # the independent computation: torch's Conv3d
+    assert ours.shape == reference.shape == (40, proj.out_channels, 1, 1, 1)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (patches, w)) for out, w in ((ours, proj.weight), (reference, conv.weight))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         model.load_model(str(tmp_path / "nope"))
