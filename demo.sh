@@ -38,8 +38,7 @@ stage() { echo "== $* [$(( $(date +%s) - start )) s in]"; }   # a step title, wi
 # paper's way (LoRA, beta = 0) and, beside it, full fine-tuning with the KL term (beta 0.04).
 grpo_arms() {
   case $1 in
-    detection) echo "grpo:--temperature=0.7";;
-    grounding) echo "grpo:--temperature=0.7";;
+    detection|grounding) echo "grpo:--temperature=0.7";;
     spatial)   echo "grpo:--lora-rank=8,--lora-alpha=16,--beta=0,--lr=3e-3 grpo_full:--beta=0.04";;
   esac
 }

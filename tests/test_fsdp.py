@@ -40,14 +40,7 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process references on one thread, as each torchrun process runs (OMP_NUM_THREADS=1):
-    with the 2 cores shared, 2 threads made a toy SFT step 4x slower (measured 0.2 s vs 1.2-1.7 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the in-process references on one thread
 
 
 def lines(out) -> list[dict]:

@@ -313,14 +313,9 @@ def metric_lines(out):
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one(data_dir, tmp_path, monkeypatch):
+def test_two_processes_match_one(data_dir, tmp_path, monkeypatch, one_thread):
     monkeypatch.setitem(rewards.REWARDS, "digits", digit_share)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process runs (OMP_NUM_THREADS=1)
-    try:
-        grpo.main(base_args(data_dir, tmp_path / "one", steps=1))
-    finally:
-        torch.set_num_threads(threads)
+    grpo.main(base_args(data_dir, tmp_path / "one", steps=1))  # on one thread, as each torchrun process
     run_grpo(base_args(data_dir, tmp_path / "two", steps=1))
     one, two = metric_lines(tmp_path / "one"), metric_lines(tmp_path / "two")
     assert one[0]["reward"] == pytest.approx(two[0]["reward"], abs=1e-6)  # same samples
