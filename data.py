@@ -31,6 +31,7 @@ priors (feature files, resampling to the ViT grid, 3D points from depth) -> batc
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -329,14 +330,48 @@ def read_video_frames(path: str, k: int, mode: str = "uniform", stride: int = 1,
     return read_video_at(path, sample_frame_indices(total, k, mode, stride, start))
 
 
-def read_image(path: str) -> np.ndarray:
-    """One frame as an (H, W, 3) uint8 array (Pillow reads PNG and JPEG)."""
+# Decoded frames and geometry arrays, least recently used first, up to FILE_CACHE_BYTES in all
+# (per process). A training run reads each file of its records again every epoch (the toy's SFT
+# warm-up reads each of its ~6,000 frames ~8 times), and decoding the PNGs is a third of building a
+# batch (docs/EXPERIMENTS.md item 39). 1 GiB holds the toy's frames and ~1,700 ScanNet frames at
+# 448 x 448; a file larger than the budget is read each time. Cached arrays are read-only: every
+# caller that gets one shares it. Keyed by (kind, path, mtime, size), so a changed file is read again.
+FILE_CACHE_BYTES = 1 << 30
+_FILE_CACHE: collections.OrderedDict[tuple, tuple[np.ndarray, ...]] = collections.OrderedDict()
+_file_cache_bytes = 0
+
+
+def cached_arrays(path: str, kind: str, read: Callable[[str], Sequence[np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """`read(path)`'s arrays, from the cache when this version of the file was read before."""
+    global _file_cache_bytes
+    info = _stat(path, kind)
+    key = (kind, path, info.st_mtime_ns, info.st_size)
+    if key in _FILE_CACHE:
+        _FILE_CACHE.move_to_end(key)
+        return _FILE_CACHE[key]
+    arrays = tuple(read(path))
+    for array in arrays:
+        array.flags.writeable = False
+    size = sum(array.nbytes for array in arrays)
+    if size <= FILE_CACHE_BYTES:
+        _FILE_CACHE[key] = arrays
+        _file_cache_bytes += size
+        while _file_cache_bytes > FILE_CACHE_BYTES:
+            _, dropped = _FILE_CACHE.popitem(last=False)
+            _file_cache_bytes -= sum(array.nbytes for array in dropped)
+    return arrays
+
+
+def _decode_image(path: str) -> tuple[np.ndarray]:
     from PIL import Image
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image not found: {path}")
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return (np.asarray(image.convert("RGB")),)
+
+
+def read_image(path: str) -> np.ndarray:
+    """One frame as an (H, W, 3) uint8 array, read-only (Pillow reads PNG and JPEG); cached."""
+    return cached_arrays(path, "image", _decode_image)[0]
 
 
 # =====================================================================================
@@ -1520,9 +1555,14 @@ def resample_geometry(features: np.ndarray, grid: tuple[int, int], span_y: tuple
     return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
 
 
-def _geometry_arrays(path: str) -> list[np.ndarray]:
-    """The frames (Hp, Wp, C) float32 of one checked geometry file, in order."""
-    kind, held = geometry_header(path)
+def _geometry_arrays(path: str) -> tuple[np.ndarray, ...]:
+    """The frames (Hp, Wp, C) float32 of one checked geometry file, in order, read-only; cached."""
+    geometry_header(path)  # checked first: a bad file is one line, never cached
+    return cached_arrays(path, "geometry", _read_geometry_arrays)
+
+
+def _read_geometry_arrays(path: str) -> list[np.ndarray]:
+    kind, _ = geometry_header(path)
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 

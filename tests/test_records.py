@@ -224,3 +224,29 @@ def test_check_lengths_checks_the_geometry_grid(tmp_path):
     records, _ = data.load_records_checked(path)
     with pytest.raises(data.RecordError, match=r"detection\.jsonl:2: geometry grid \(8, 8\) does not match the image patch grid \(4, 4\)"):
         data.check_lengths(records, tokenizer, cfg, 10_000)
+
+
+def test_decoded_files_are_cached_read_only_bounded_and_reread_when_changed(tmp_path, monkeypatch):
+    """data.cached_arrays: a second read of one file version decodes nothing; a changed file is
+    decoded again; arrays are read-only (shared by every caller); the cache stays in its budget."""
+    monkeypatch.setattr(data, "_FILE_CACHE", type(data._FILE_CACHE)())
+    monkeypatch.setattr(data, "_file_cache_bytes", 0)
+    frame = np.zeros((28, 28, 3), dtype=np.uint8)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(frame + i).save(paths[-1])
+    first = data.read_image(paths[0])
+    assert data.read_image(paths[0]) is first and not first.flags.writeable
+    with pytest.raises(ValueError):
+        first[0, 0, 0] = 1
+    Image.fromarray(frame + 9).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))  # another version of the file: another mtime
+    assert data.read_image(paths[0])[0, 0, 0] == 9
+    monkeypatch.setattr(data, "FILE_CACHE_BYTES", 2 * frame.nbytes)  # room for two frames
+    for path in paths:
+        data.read_image(path)
+    assert data._file_cache_bytes <= 2 * frame.nbytes and len(data._FILE_CACHE) == 2
+    assert [key[1] for key in data._FILE_CACHE] == paths[1:]  # the least recently used went first
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        data.read_image(str(tmp_path / "missing.png"))
