@@ -23,6 +23,8 @@ or as a script:
 
     python eval.py --model runs/grpo/ckpt --data data/toy --split val --tasks detection,grounding \
         --limit 100 --seed 0 --out runs/grpo/eval.json
+    python eval.py --model runs/grpo/ckpt --tasks grounding --limit 600 --seed 0,1,2 \
+        --out "runs/grpo/eval_seed{seed}.json"      # three evaluation seeds, one model load
     python eval.py --compare runs/sft/eval.json runs/grpo/eval.json --names SFT,GRPO
 
 Sections: settings -> small helpers -> detection -> grounding -> spatial -> scoring ->
@@ -75,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated tasks out of {','.join(data.TASKS)}")
     p.add_argument("--limit", default=None, type=runtime.int_at_least(1),  # None = every record of the split
                    help="evaluate a random subset of this many records per task (all if not given)")
-    p.add_argument("--seed", default=0, type=int,  # the "evaluation seed": which subset --limit takes
+    p.add_argument("--seed", default="0", type=parse_seeds,  # the "evaluation seed(s)": which subset --limit takes
                    help="seed of the random subset chosen by --limit (decoding is greedy, so it is "
-                        "the only randomness)")
+                        "the only randomness); a comma-separated list (0,1,2) evaluates each in turn "
+                        "with one model load, --out then naming a file per seed with {seed}")
     runtime.add_data_arguments(p)  # --media-root, --num-frames, --skip-bad, --max-seq-len
     runtime.add_model_arguments(p, training=False)  # --geometry(-dim), --dtype, --max-pixels, --min-pixels
     # how to run
@@ -116,6 +119,17 @@ def parse_tasks(text: str) -> tuple[str, ...]:
 # =====================================================================================
 # Small helpers
 # =====================================================================================
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seed: "0" -> [0]; "0,1,2" -> [0, 1, 2] (each an evaluation of its own subset)."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma-separated list of them") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed twice")
+    return seeds
 
 
 def safe_div(num: float, den: float) -> float:
@@ -875,31 +889,50 @@ def check_output_file(path: str) -> None:
         raise SystemExit(f"error: --out {path}: {blocker} is a file, not a folder")
 
 
+def output_files(out: str | None, seeds: Sequence[int]) -> list[str | None]:
+    """--out per evaluation seed: "{seed}" in the name is replaced; several seeds need it.
+
+    Example: ("runs/x/eval_seed{seed}.json", [0, 1]) -> ["runs/x/eval_seed0.json", "runs/x/eval_seed1.json"].
+    """
+    if out is None:
+        return [None] * len(seeds)
+    if len(seeds) > 1 and "{seed}" not in out:
+        raise SystemExit(f"error: --out {out} is one file for {len(seeds)} seeds; put {{seed}} in its name, "
+                         f"e.g. {out.removesuffix('.json')}_seed{{seed}}.json")
+    return [out.replace("{seed}", str(seed)) for seed in seeds]
+
+
 def run_eval(args: argparse.Namespace) -> None:
-    """Evaluate one model: load, generate, score, print the table, save the JSON."""
-    # Check the data, the device and the output path first: a typo in any should not cost a
+    """Evaluate one model on each evaluation seed: load once, generate, score, print, save the JSON."""
+    # Check the data, the device and the output paths first: a typo in any should not cost a
     # model load (nor, for --out, a whole evaluation).
     options = runtime.record_options(args)
     for task in args.tasks:
-        load_eval_records(args.data, args.split, task, args.limit, args.seed, options)
+        for seed in args.seed:
+            load_eval_records(args.data, args.split, task, args.limit, seed, options)
     device = runtime.resolve_device(args.device)
-    if args.out:
-        check_output_file(args.out)
+    outs = output_files(args.out, args.seed)
+    for out in outs:
+        if out:
+            check_output_file(out)
     geometry, geometry_dim = runtime.geometry_arguments(args)
     net, tokenizer, image_cfg = model_lib.load_model(args.model, geometry=geometry, geometry_dim=geometry_dim,
                                                      dtype=runtime.weights_dtype(args, training=False))
     net.to(device)
     image_cfg = runtime.pixel_budget(image_cfg, args)
-    results = evaluate(net, tokenizer, image_cfg, args.data, args.split, args.tasks, args.limit, args.seed,
-                       args.batch_size, args.max_new_tokens, progress=not args.no_progress, samples=args.samples,
-                       record_options=options, max_seq_len=runtime.max_seq_len(args, net))
-    results["meta"]["model"] = args.model
-    print(markdown_table(results))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"\nwrote {args.out}")
+    for seed, out in zip(args.seed, outs):
+        results = evaluate(net, tokenizer, image_cfg, args.data, args.split, args.tasks, args.limit, seed,
+                           args.batch_size, args.max_new_tokens, progress=not args.no_progress, samples=args.samples,
+                           record_options=options, max_seq_len=runtime.max_seq_len(args, net))
+        results["meta"]["model"] = args.model
+        if len(args.seed) > 1:
+            print(f"evaluation seed {seed}:")
+        print(markdown_table(results))
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(results, f, indent=1)
+            print(f"\nwrote {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

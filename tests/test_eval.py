@@ -293,3 +293,18 @@ def test_toy_model_end_to_end(tmp_path):
     singles = [ev.generate_completions(net, tokenizer, cfg, [r], max_new_tokens=6, progress=False)[0][0]
                for r in ev.load_eval_records(str(tmp_path), "val", "detection", None, 0)]
     assert singles == [s["completion"] for s in m["samples"]]
+
+
+def test_several_evaluation_seeds_in_one_run_match_one_run_each(tmp_path):
+    """--seed 0,1 loads the model once and writes the file of each seed, the same as two runs."""
+    make_records(tmp_path / "val", n=4)
+    common = ["--data", str(tmp_path), "--limit", "2", "--max-new-tokens", "4", "--no-progress"]
+    ev.main(common + ["--seed", "0,1", "--out", str(tmp_path / "both_seed{seed}.json")])
+    for seed in (0, 1):
+        ev.main(common + ["--seed", str(seed), "--out", str(tmp_path / f"one_seed{seed}.json")])
+    both = [ev.load_results(str(tmp_path / f"both_seed{seed}.json")) for seed in (0, 1)]
+    one = [ev.load_results(str(tmp_path / f"one_seed{seed}.json")) for seed in (0, 1)]
+    for a, b, seed in zip(both, one, (0, 1)):
+        assert a["meta"]["seed"] == seed and a["detection"]["samples"] == b["detection"]["samples"]
+    # the two seeds evaluate other subsets of the 4 records
+    assert [s["id"] for s in both[0]["detection"]["samples"]] != [s["id"] for s in both[1]["detection"]["samples"]]

@@ -195,7 +195,7 @@ BAD_FLAGS = {
              ["--reward", ",,,"], ["--reward", "format=0"], ["--reward", "format=1,frame=1"],
              ["--task", "spatial", "--reward", "iou=1"], ["--group-size", "1"], ["--mu", "0"], ["--eps-high", "inf"]],
     "eval": [["--max-new-tokens", "0"], ["--batch-size", "-1"], ["--tasks", ","], ["--limit", "0"],
-             ["--samples", "-1"]],
+             ["--samples", "-1"], ["--seed", "0,0"], ["--seed", "1,x"]],
 }
 # --geometry / --geometry-dim (runtime.add_model_arguments, shared by the three scripts): a size needs on
 GEOMETRY_FLAGS = [["--geometry-dim", "3"], ["--geometry", "off", "--geometry-dim", "3"], ["--geometry-dim", "0"],
@@ -236,9 +236,10 @@ def test_eval_out_is_checked_before_the_model_loads(tmp_path, monkeypatch):
     make_records(tmp_path / "data" / "val", n=2)
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(evaluation.model_lib, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    for out, message in [(tmp_path, "is a folder"), (tmp_path / "file" / "eval.json", "is a file")]:
+    for out, message, seeds in [(tmp_path, "is a folder", "0"), (tmp_path / "file" / "eval.json", "is a file", "0"),
+                                (tmp_path / "eval.json", "put {seed} in its name", "0,1")]:
         with pytest.raises(SystemExit, match=message):
-            evaluation.main(["--data", str(tmp_path / "data"), "--out", str(out)])
+            evaluation.main(["--data", str(tmp_path / "data"), "--out", str(out), "--seed", seeds])
 
 
 # ---------------------------------------------------------------------------------------------
