@@ -28,6 +28,11 @@ SFT_FLAGS=${SFT_FLAGS:-}            # extra flags of the warm-up (e.g. --geometr
 # Speed on the toy (docs/EXPERIMENTS.md item 35): a whole 16-record batch in one pass (0.39 -> 0.36 s a
 # step here; the same gradient), and 64 prompts decoded together in evaluation (a quarter faster).
 SFT_SPEED="--micro-batch 16"
+# Evaluations run EVAL_JOBS at a time, the cores shared among them (item 39: two one-thread
+# evaluations side by side finish in two thirds of the time of one two-thread run after another,
+# with the same completions). Greedy decoding makes them independent of each other's timing.
+EVAL_JOBS=${EVAL_JOBS:-2}
+EVAL_THREADS=$(( $(nproc) / EVAL_JOBS > 0 ? $(nproc) / EVAL_JOBS : 1 ))
 PLOTS=$( [ "$OUT" = runs ] && echo docs || echo "$OUT" )   # the reward curves the README shows come from the default run
 start=$(date +%s)
 stage() { echo "== $* [$(( $(date +%s) - start )) s in]"; }   # a step title, with the time so far
@@ -73,7 +78,7 @@ try:
 except (OSError, KeyError, ValueError):
     print('no')")
 if [ "$current" != yes ]; then
-  $PY scenes.py --out data/toy --no-progress
+  $PY scenes.py --out data/toy --no-progress --workers "$(nproc)"   # the same bytes for any --workers
   [ ! -d $OUT/sft ] || set_sft_aside "data/toy was made again"
 fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
@@ -101,17 +106,25 @@ median_step_s() { $PY -c "import json; r=sorted(x['step_s'] for x in map(json.lo
 
 evaluate() {  # evaluate MODEL TASK OUT_FOLDER: 3 evaluation seeds, each another EVAL_LIMIT held-out records
   mkdir -p "$3"
-  for seed in 0 1 2; do
-    $PY eval.py --model "$1" --data data/toy --split val --tasks "$2" --limit "$EVAL_LIMIT" --seed $seed --batch-size 64 \
-      --no-progress --out "$3/eval_seed$seed.json" > /dev/null
-  done
+  OMP_NUM_THREADS=$EVAL_THREADS $PY eval.py --model "$1" --data data/toy --split val --tasks "$2" --limit "$EVAL_LIMIT" \
+    --seed 0,1,2 --batch-size 64 --no-progress --out "$3/eval_seed{seed}.json" > /dev/null
 }
+# evaluate in the background, at most EVAL_JOBS at once; a failure is remembered in $failed
+# (a background job's exit status would be lost) and stops the script at wait_evaluations.
+failed=$OUT/.evaluation_failed
+queue_evaluation() {
+  while [ "$(jobs -rp | wc -l)" -ge "$EVAL_JOBS" ]; do wait -n || true; done
+  { evaluate "$@" || { echo "error: the evaluation of $1 failed" >&2; touch "$failed"; }; } &
+}
+wait_evaluations() { wait; [ ! -e "$failed" ] || { rm -f "$failed"; exit 1; }; }
 
 for task in $TASKS; do
   stage "3. $task: GRPO from the SFT checkpoint (timed), then more SFT for the same wall time"
   # The step time of more SFT on this task (a 20-step probe, median), for the more-SFT step counts.
+  # 64 records, so that from the 5th step on its batches come from data.py's file cache, as
+  # those of a longer run do (a cold probe would give more SFT a quarter less time than GRPO).
   $PY sft.py --model $OUT/sft/latest --tasks "$task" --out "$OUT/$task/sft_probe" --overwrite --steps 20 --log-every 2 $SFT_SPEED \
-    --lr 5e-4 --warmup 10 --no-progress > /dev/null
+    --limit 64 --lr 5e-4 --warmup 10 --no-progress > /dev/null
   sft_step_s=$(median_step_s "$OUT/$task/sft_probe/metrics.jsonl")
   declare -A runs=()
   more_runs=""
@@ -134,14 +147,16 @@ for task in $TASKS; do
   done
 
   stage "4. $task: held-out evaluation, 3 seeds each"
-  evaluate $OUT/sft/latest "$task" "$OUT/$task/sft"
+  rm -f "$failed"
+  queue_evaluation $OUT/sft/latest "$task" "$OUT/$task/sft"
   table="SFT=$OUT/$task/sft,SFT -> more SFT=${more_runs#+}"
   for arm in $(grpo_arms "$task"); do
     name=${arm%%:*}
-    for run in ${runs[$name]//+/ }; do evaluate "$run/latest" "$task" "$run"; done
+    for run in ${runs[$name]//+/ }; do queue_evaluation "$run/latest" "$task" "$run"; done
     table="$table,$(arm_title "$name" "$task")=${runs[$name]#+}"
   done
-  for run in ${more_runs//+/ }; do evaluate "$run/latest" "$task" "$run"; done
+  for run in ${more_runs//+/ }; do queue_evaluation "$run/latest" "$task" "$run"; done
+  wait_evaluations
 
   stage "5. $task: report"
   $PY report.py --runs "$table" --metrics "$(report_metrics "$task")" \
