@@ -102,7 +102,6 @@ if [ "$reusable" != yes ]; then
   [ ! -d $OUT/sft ] || set_sft_aside "$OUT/sft is unfinished or has other settings"
   $PY sft.py --out $OUT/sft --tasks detection,grounding,spatial --steps "$SFT_STEPS" $SFT_FLAGS $SFT_SPEED --no-progress
 fi
-median_step_s() { $PY -c "import json; r=sorted(x['step_s'] for x in map(json.loads, open('$1')) if 'step_s' in x); print(r[len(r)//2])"; }
 
 evaluate() {  # evaluate MODEL TASK OUT_FOLDER: 3 evaluation seeds, each another EVAL_LIMIT held-out records
   mkdir -p "$3"
@@ -120,29 +119,24 @@ wait_evaluations() { wait; [ ! -e "$failed" ] || { rm -f "$failed"; exit 1; }; }
 
 for task in $TASKS; do
   stage "3. $task: GRPO from the SFT checkpoint (timed), then more SFT for the same wall time"
-  # The step time of more SFT on this task (a 20-step probe, median), for the more-SFT step counts.
-  # 64 records, so that from the 5th step on its batches come from data.py's file cache, as
-  # those of a longer run do (a cold probe would give more SFT a quarter less time than GRPO).
-  $PY sft.py --model $OUT/sft/latest --tasks "$task" --out "$OUT/$task/sft_probe" --overwrite --steps 20 --log-every 2 $SFT_SPEED \
-    --limit 64 --lr 5e-4 --warmup 10 --no-progress > /dev/null
-  sft_step_s=$(median_step_s "$OUT/$task/sft_probe/metrics.jsonl")
   declare -A runs=()
   more_runs=""
   for seed in $TRAIN_SEEDS; do
     grpo_seconds=0
     for arm in $(grpo_arms "$task"); do
       name=${arm%%:*}; flags=${arm#*:}
-      t0=$(date +%s)
+      t0=$(date +%s.%N)
       $PY grpo.py --init $OUT/sft/latest --task "$task" --out "$OUT/$task/${name}_s$seed" --overwrite --seed "$seed" \
         --steps "$(grpo_steps "$task")" ${flags//,/ } --no-progress
-      [ "$grpo_seconds" -gt 0 ] || grpo_seconds=$(( $(date +%s) - t0 ))   # the first arm's time
+      [ "$grpo_seconds" != 0 ] || grpo_seconds=$($PY -c "print(round($(date +%s.%N) - $t0, 1))")   # the first arm's
       runs[$name]="${runs[$name]:-}+$OUT/$task/${name}_s$seed"
     done
-    # Steps that fit in the first GRPO arm's wall time at the probe's step time.
-    more_steps=$($PY -c "print(max(1, int($grpo_seconds / $sft_step_s)))")
-    echo "   more SFT: $more_steps steps for GRPO's ${grpo_seconds}s"
+    # More SFT until GRPO's wall time is spent (start-up, loading and checkpoints included on both
+    # sides), at a constant learning rate after 10 warm-up steps, as GRPO's: no step count to
+    # guess beforehand, and no schedule cut short (docs/EXPERIMENTS.md item 40).
+    echo "   more SFT: ${grpo_seconds}s, GRPO's"
     $PY sft.py --model $OUT/sft/latest --tasks "$task" --out "$OUT/$task/sft_more_s$seed" --overwrite --seed "$seed" $SFT_SPEED \
-      --steps "$more_steps" --lr 5e-4 --warmup 10 --no-progress
+      --steps 1000000 --max-seconds "$grpo_seconds" --lr 5e-4 --min-lr-ratio 1 --warmup 10 --no-progress
     more_runs="$more_runs+$OUT/$task/sft_more_s$seed"
   done
 

@@ -764,8 +764,9 @@ def restore_training_state(path: str, optimizer) -> None:
 # Flags that may differ on --resume: bookkeeping that does not change what is computed.
 # `out` too: a run folder may be moved or copied before it is resumed. `device` and `fsdp` change
 # only how it is computed (the last bits of sums, not the run): a checkpoint is the same either way.
-RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "gradient_checkpointing", "fsdp", "stop_after", "no_progress",
-                               "log_every", "save_every", "eval_every", "eval_limit", "sample_every", "device", "out"})
+RESUME_FREE_FLAGS = frozenset({"resume", "overwrite", "gradient_checkpointing", "fsdp", "stop_after", "max_seconds",
+                               "no_progress", "log_every", "save_every", "eval_every", "eval_limit", "sample_every",
+                               "device", "out"})
 
 
 def check_resume_args(saved: dict, current: dict, also_free: tuple[str, ...] = (),

@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=runtime.number(0), default=1.0,
                    help="clip the global gradient norm (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and the initialisation")
+    # A control matched to another run's wall time (demo.sh's SFT -> more SFT against GRPO): the
+    # step count that fits is not known in advance, so pair it with a constant learning rate
+    # (--min-lr-ratio 1), which no --steps cut short.
+    p.add_argument("--max-seconds", type=runtime.number(0, above=True), default=None,
+                   help="end the run (its checkpoint written) after the first step that ends this many "
+                        "seconds after the script started")
     # ---- bookkeeping: logs, checkpoints, periodic evaluation, resume, device
     runtime.add_run_arguments(p, log_every=10, save_every=250)
     args = p.parse_args(argv)
@@ -148,6 +154,7 @@ def load_training_records(args, quiet: bool) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.time()  # --max-seconds counts from here: loading the model is part of a run's time
     args = parse_args(argv)
     # One process, or one of torchrun's N (rank, world size and device from its environment).
     proc = runtime.setup_distributed(args.device)
@@ -241,9 +248,12 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.time() - t0
+        # Every process must stop at the same step: the decision is rank 0's clock, shared.
+        out_of_time = args.max_seconds is not None and runtime.all_reduce_sum(
+            float(proc.master and time.time() - started >= args.max_seconds), proc) > 0
         if proc.master:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-            if step % args.log_every == 0 or step == end_step - 1:
+            if step % args.log_every == 0 or step == end_step - 1 or out_of_time:
                 logger.log({"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": float(grad_norm),
                             "tokens_per_s": round(global_tokens / seconds, 1), "step_s": round(seconds, 3)})
         # ---- periodic held-out evaluation (rank 0), then the checkpoint. The evaluation comes
@@ -259,9 +269,13 @@ def main(argv: list[str] | None = None) -> None:
                                                      record_options=runtime.record_options(args),
                                                      max_seq_len=runtime.max_seq_len(args, net))
                     logger.log({"step": step, "eval": result})
-        if (args.save_every and done % args.save_every == 0) or done == end_step:
+        if (args.save_every and done % args.save_every == 0) or done == end_step or out_of_time:
             state = {"step": done, "args": vars(args)}  # rank 0 writes; the others help gather (FSDP), then wait
             runtime.save_checkpoint(latest, net, tokenizer, image_cfg, optimizer, state, proc)
+        if out_of_time:
+            if proc.master:
+                print(f"SFT: --max-seconds {args.max_seconds:g} reached after {done} steps")
+            break
     bar.close()
     runtime.cleanup_distributed(proc)
 

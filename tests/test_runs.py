@@ -189,7 +189,7 @@ def test_kill_9_from_outside_resumes_exactly(data_dir, reference, tmp_path):
 BAD_FLAGS = {
     "sft": [["--min-lr-ratio", "-0.1"], ["--min-lr-ratio", "2"], ["--warmup", "-1"], ["--grad-clip", "-1"],
             ["--lr", "-1e-3"], ["--lr", "0"], ["--lr", "nan"], ["--weight-decay", "-0.1"], ["--tasks", ","],
-            ["--steps", "0"]],
+            ["--steps", "0"], ["--max-seconds", "0"], ["--max-seconds", "nan"]],
     "grpo": [["--eps", "-0.1"], ["--eps", "1.5"], ["--beta", "-0.04"], ["--lr", "-1"], ["--temperature", "nan"],
              ["--temperature", "0"], ["--grad-clip", "-1"], ["--weight-decay", "-1"], ["--warmup", "-2"],
              ["--reward", ",,,"], ["--reward", "format=0"], ["--reward", "format=1,frame=1"],

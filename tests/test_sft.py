@@ -96,6 +96,23 @@ def test_resume_is_exact(data_dir, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_max_seconds_ends_every_process_at_the_same_step_with_a_checkpoint(data_dir, tmp_path):
+    """--max-seconds: loading alone outlasts 0.01 s, so the run ends after its first step, with
+    the checkpoint and log line a --stop-after 1 run writes, and 2 processes stop together."""
+    args = ["--data", data_dir, "--steps", "50", "--save-every", "0"] + COMMON
+    run(args + ["--out", str(tmp_path / "cut"), "--stop-after", "1"])
+    out = run(args + ["--out", str(tmp_path / "timed"), "--max-seconds", "0.01"])
+    assert "--max-seconds 0.01 reached after 1 steps" in out.stdout
+    run(args + ["--out", str(tmp_path / "timed2"), "--max-seconds", "0.01"], torchrun=True)
+    for folder in ("timed", "timed2"):
+        with open(tmp_path / folder / "latest" / "trainer_state.json") as f:
+            assert json.load(f)["step"] == 1
+        assert len(losses(tmp_path / folder)) == 1
+        a, b = weights(tmp_path / "cut"), weights(tmp_path / folder)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_refuses_changed_settings_but_not_bookkeeping():
     import runtime
 
