@@ -1556,8 +1556,10 @@ def resample_geometry(features: np.ndarray, grid: tuple[int, int], span_y: tuple
 
 
 def _geometry_arrays(path: str) -> tuple[np.ndarray, ...]:
-    """The frames (Hp, Wp, C) float32 of one checked geometry file, in order, read-only; cached."""
-    geometry_header(path)  # checked first: a bad file is one line, never cached
+    """The frames (Hp, Wp, C) float32 of one checked geometry file, in order, read-only; cached.
+
+    A bad file raises its one line from `_read_geometry_arrays`' header check, so nothing is cached.
+    """
     return cached_arrays(path, "geometry", _read_geometry_arrays)
 
 
