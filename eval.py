@@ -40,6 +40,10 @@ import sys
 import time
 from typing import Any, Sequence
 
+# Repeatable CPU runs: MKL otherwise picks matrix-multiply kernels by buffer alignment, so two runs
+# (or a run and its resume) drift apart in the last bits; read when torch loads (docs/DESIGN.md section 8).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import numpy as np
 import torch
 from tqdm import tqdm
