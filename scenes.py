@@ -888,9 +888,13 @@ QUESTION_BUILDERS = {
 }
 
 
-def spatial_records(scene: Scene, frames: dict[int, Frame],
-                    rng: np.random.Generator) -> list[dict[str, Any]]:
-    """At most one question of each type per scene, on 8 uniformly sampled frames."""
+def spatial_records(scene: Scene, frames: dict[int, Frame], rng: np.random.Generator,
+                    questions_per_type: int = 1) -> list[dict[str, Any]]:
+    """At most `questions_per_type` questions of each type per scene, on 8 uniformly sampled frames.
+
+    Round r asks each type once more; a question already asked in this scene is dropped (a room
+    has one size), so a scene may hold fewer. Round 1 draws what a 1-question run draws.
+    """
     indices = uniform_indices(len(scene.poses), SPATIAL_FRAMES)
     # First sampled frame (0..7) in which each category is visible, for obj_appearance_order.
     first_seen: dict[str, int] = {}
@@ -898,16 +902,18 @@ def spatial_records(scene: Scene, frames: dict[int, Frame],
         for n, is_visible in enumerate(visible(scene, frames[i], i)):
             if is_visible:
                 first_seen.setdefault(scene.objects[n].category, position)
-    records = []
+    records, asked = [], set()
     # Builders run in a fixed order and all draw from the same rng, so the output is reproducible;
     # a builder returns None when the scene cannot support its question (e.g. too few objects).
-    for qtype, builder in QUESTION_BUILDERS.items():
+    rounds = [(qtype, builder) for _ in range(questions_per_type) for qtype, builder in QUESTION_BUILDERS.items()]
+    for qtype, builder in rounds:
         if qtype == "obj_appearance_order":
             qa = builder(scene, rng, first_seen)
         else:
             qa = builder(scene, rng)
-        if qa is None:
+        if qa is None or qa["question"] in asked:
             continue
+        asked.add(qa["question"])
         prompt = data.spatial_prompt(len(indices), qa["question"], qa["options"] or None)
         record = _record(scene, f"spa-{scene.scene_id}-{len(records)}", "spatial", indices,
                          prompt, qa["answer"])
@@ -955,14 +961,15 @@ def build_scene(seed: int, num_frames: int = FRAMES_PER_SCENE,
     raise RuntimeError(f"scene seed {seed}: no valid layout in {max_attempts} attempts")
 
 
-def scene_records(scene: Scene, frames: dict[int, Frame]) -> dict[str, list[dict[str, Any]]]:
+def scene_records(scene: Scene, frames: dict[int, Frame],
+                  questions_per_type: int = 1) -> dict[str, list[dict[str, Any]]]:
     """All records of one scene, per task."""
     rng = np.random.default_rng([scene.seed, 7919])          # task sampling: its own stream
     detection = [detection_record(scene, frames, start, k)
                  for k, start in enumerate(detection_offsets(len(scene.poses)))]
     return {"detection": detection,
             "grounding": grounding_records(scene, frames, rng),
-            "spatial": spatial_records(scene, frames, rng)}
+            "spatial": spatial_records(scene, frames, rng, questions_per_type)}
 
 
 def scene_summary(scene: Scene, frames: dict[int, Frame]) -> dict[str, Any]:
@@ -988,7 +995,8 @@ def _save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path)
 
 
-def write_scene(split_dir: str, seed: int, num_frames: int = FRAMES_PER_SCENE) -> dict[str, list]:
+def write_scene(split_dir: str, seed: int, num_frames: int = FRAMES_PER_SCENE,
+                questions_per_type: int = 1) -> dict[str, list]:
     """Render one scene, write its frames, depth maps, scene.json and geometry; return records."""
     scene, frames = build_scene(seed, num_frames)
     # Frames as RGB PNGs and depth as uint16 millimetre PNGs (the ScanNet convention).
@@ -998,7 +1006,7 @@ def write_scene(split_dir: str, seed: int, num_frames: int = FRAMES_PER_SCENE) -
         _save_png(depth_mm, os.path.join(split_dir, _frame_path(scene, i, "depth")))
     with open(os.path.join(split_dir, "scenes", scene.scene_id, "scene.json"), "w") as f:
         json.dump(scene_summary(scene, frames), f)
-    records = scene_records(scene, frames)
+    records = scene_records(scene, frames, questions_per_type)
     os.makedirs(os.path.join(split_dir, "geometry"), exist_ok=True)
     world_patches = {i: patch_points(f.depth, scene.poses[i], scene.cam2img) for i, f in frames.items()}
     for task_records in records.values():
@@ -1009,13 +1017,13 @@ def write_scene(split_dir: str, seed: int, num_frames: int = FRAMES_PER_SCENE) -
     return records
 
 
-def _write_scene_job(job: tuple[str, int, int]) -> dict[str, list]:
+def _write_scene_job(job: tuple[str, int, int, int]) -> dict[str, list]:
     return write_scene(*job)
 
 
 def generate(out_dir: str, split: str, num_scenes: int, seed_offset: int | None = None,
              num_frames: int = FRAMES_PER_SCENE, workers: int = 1,
-             progress: bool = False) -> dict[str, int]:
+             progress: bool = False, questions_per_type: int = 1) -> dict[str, int]:
     """Write `num_scenes` scenes of `split` under out_dir/split; return record counts per task.
 
     Scene seeds are seed_offset + 0 .. num_scenes - 1 (default offset: SPLIT_SEED_OFFSETS[split]),
@@ -1029,7 +1037,7 @@ def generate(out_dir: str, split: str, num_scenes: int, seed_offset: int | None 
     split_dir = os.path.join(out_dir, split)
     os.makedirs(split_dir, exist_ok=True)
     # Files of an earlier, larger run are not deleted: the jsonl files list what this run wrote.
-    jobs = [(split_dir, seed_offset + i, num_frames) for i in range(num_scenes)]
+    jobs = [(split_dir, seed_offset + i, num_frames, questions_per_type) for i in range(num_scenes)]
     if workers > 1:
         import multiprocessing
         pool = multiprocessing.get_context("spawn").Pool(workers)
@@ -1155,6 +1163,8 @@ def _generate_parser() -> argparse.ArgumentParser:
                              f"SEED+{SPLIT_SEED_OFFSETS['val']}.. (default: 0)")
     parser.add_argument("--frames", type=int, default=FRAMES_PER_SCENE,
                         help=f"camera poses per scene path (default: {FRAMES_PER_SCENE})")
+    parser.add_argument("--questions-per-type", type=int, default=1,
+                        help="spatial questions of each type per scene, at most (default: 1)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes rendering scenes in parallel; output is identical (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1187,12 +1197,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         QUICK_TRAIN_SCENES if args.quick else DEFAULT_TRAIN_SCENES)
     val = args.val_scenes if args.val_scenes is not None else (
         QUICK_VAL_SCENES if args.quick else DEFAULT_VAL_SCENES)
-    if train < 0 or val < 0 or args.workers < 1:
-        raise SystemExit("error: scene counts must be >= 0 and --workers >= 1")
+    if train < 0 or val < 0 or args.workers < 1 or args.questions_per_type < 1:
+        raise SystemExit("error: scene counts must be >= 0, --workers and --questions-per-type >= 1")
     for split, count in (("train", train), ("val", val)):
         try:
             counts = generate(args.out, split, count, args.seed + SPLIT_SEED_OFFSETS[split],
-                              args.frames, args.workers, progress=not args.no_progress)
+                              args.frames, args.workers, progress=not args.no_progress,
+                              questions_per_type=args.questions_per_type)
         except (ValueError, OSError) as error:             # bad --frames, unwritable --out, ...
             raise SystemExit(f"error: {error}") from None
         print(f"{split}: {count} scenes -> " + ", ".join(f"{n} {t}" for t, n in counts.items())

@@ -333,6 +333,17 @@ def test_spatial_answers_are_consistent(toy):
     assert {"object_counting", "room_size_estimation", "object_size_estimation"} <= types
 
 
+def test_more_questions_per_type_keep_the_first_round_and_never_repeat_one():
+    """--questions-per-type 3: the 1-question records first (the same ones), then more, none asked twice."""
+    scene, frames = scenes.build_scene(4)
+    one = scenes.scene_records(scene, frames)["spatial"]
+    three = scenes.scene_records(scene, frames, questions_per_type=3)["spatial"]
+    assert three[:len(one)] == one and len(three) > len(one)
+    assert len({r["question"] for r in three}) == len(three)
+    counts = {t: sum(r["question_type"] == t for r in three) for t in scenes.QUESTION_BUILDERS}
+    assert max(counts.values()) <= 3 and counts["room_size_estimation"] == 1   # a room has one size
+
+
 def test_rel_distance_answer_is_the_closest_option(toy):
     for split in ("train", "val"):
         for r in records(toy, split, "spatial"):
