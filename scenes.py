@@ -905,8 +905,7 @@ def spatial_records(scene: Scene, frames: dict[int, Frame], rng: np.random.Gener
     records, asked = [], set()
     # Builders run in a fixed order and all draw from the same rng, so the output is reproducible;
     # a builder returns None when the scene cannot support its question (e.g. too few objects).
-    rounds = [(qtype, builder) for _ in range(questions_per_type) for qtype, builder in QUESTION_BUILDERS.items()]
-    for qtype, builder in rounds:
+    for qtype, builder in [item for _ in range(questions_per_type) for item in QUESTION_BUILDERS.items()]:
         if qtype == "obj_appearance_order":
             qa = builder(scene, rng, first_seen)
         else:
