@@ -892,8 +892,9 @@ def spatial_records(scene: Scene, frames: dict[int, Frame], rng: np.random.Gener
                     questions_per_type: int = 1) -> list[dict[str, Any]]:
     """At most `questions_per_type` questions of each type per scene, on 8 uniformly sampled frames.
 
-    Round r asks each type once more; a question already asked in this scene is dropped (a room
-    has one size), so a scene may hold fewer. Round 1 draws what a 1-question run draws.
+    Round r asks each type once more; a question worded as one already asked in this scene is
+    dropped (a room has one size), so a scene may hold fewer; the same objects in another order
+    count as another question. Round 1 draws what a 1-question run draws.
     """
     indices = uniform_indices(len(scene.poses), SPATIAL_FRAMES)
     # First sampled frame (0..7) in which each category is visible, for obj_appearance_order.
@@ -1163,7 +1164,8 @@ def _generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=FRAMES_PER_SCENE,
                         help=f"camera poses per scene path (default: {FRAMES_PER_SCENE})")
     parser.add_argument("--questions-per-type", type=int, default=1,
-                        help="spatial questions of each type per scene, at most (default: 1)")
+                        help="spatial questions of each type per scene, at most, in both splits (default: 1; "
+                             "the README's tables use 1)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes rendering scenes in parallel; output is identical (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1197,7 +1199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     val = args.val_scenes if args.val_scenes is not None else (
         QUICK_VAL_SCENES if args.quick else DEFAULT_VAL_SCENES)
     if train < 0 or val < 0 or args.workers < 1 or args.questions_per_type < 1:
-        raise SystemExit("error: scene counts must be >= 0, --workers and --questions-per-type >= 1")
+        raise SystemExit("error: scene counts must be >= 0; --workers and --questions-per-type must be >= 1")
     for split, count in (("train", train), ("val", val)):
         try:
             counts = generate(args.out, split, count, args.seed + SPLIT_SEED_OFFSETS[split],

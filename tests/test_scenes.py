@@ -333,8 +333,8 @@ def test_spatial_answers_are_consistent(toy):
     assert {"object_counting", "room_size_estimation", "object_size_estimation"} <= types
 
 
-def test_more_questions_per_type_keep_the_first_round_and_never_repeat_one():
-    """--questions-per-type 3: the 1-question records first (the same ones), then more, none asked twice."""
+def test_more_questions_per_type_keep_the_first_round_and_never_repeat_a_wording():
+    """--questions-per-type 3: the 1-question records first (the same ones), then more, no wording twice."""
     scene, frames = scenes.build_scene(4)
     one = scenes.scene_records(scene, frames)["spatial"]
     three = scenes.scene_records(scene, frames, questions_per_type=3)["spatial"]
@@ -382,3 +382,9 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--out", "--train-scenes", "--val-scenes", "--quick", "--seed", "--frames",
                  "--workers", "--no-progress", "preview"):
         assert flag in text
+
+
+def test_questions_per_type_below_one_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit, match="--questions-per-type must be >= 1"):
+        scenes.main(["--out", str(tmp_path), "--questions-per-type", "0"])
+    assert not os.listdir(tmp_path)   # refused before anything is written
