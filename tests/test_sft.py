@@ -31,12 +31,16 @@ DEADLINE_S = 300  # a 2-process toy run takes 10-30 s here; a hang in gloo's tea
 def run_until_deadline(command: list, deadline_s: float = DEADLINE_S) -> subprocess.CompletedProcess:
     """Run a command (torchrun and its workers in a session of their own) and fail, not hang.
 
+    One thread per process (torchrun's default for its workers): the tests compare weights bit
+    for bit, and at two threads, even with MKL_CBWR (docs/DESIGN.md section 8), a resumed run
+    once ended with other weights in the last bits than the uninterrupted run.
+
     A 2-process run once hung in teardown (one rank waiting in a futex after the other had left):
     past the deadline the whole process group is killed, workers included, and the test fails
     with the output so far.
     """
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         stdout, stderr = proc.communicate(timeout=deadline_s)
     except subprocess.TimeoutExpired:
