@@ -63,17 +63,19 @@ report_metrics() {
   esac
 }
 
-stage "1. synthetic world (train 500 scenes, held-out 600 scenes)"
-# Made once and reused; a folder from an older version with fewer held-out scenes, or with
-# grounding records on other frames, is made again (the tables need scenes.py's defaults), and an
+stage "1. synthetic world (train 150 scenes, held-out 600 scenes)"
+# Made once and reused; a folder from an older version with another number of training scenes,
+# fewer held-out scenes, or grounding records on other frames, is made again (the tables need scenes.py's defaults), and an
 # SFT checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
 set_sft_aside() { echo "$1: moving $OUT/sft to $OUT/sft.stale"; rm -rf "$OUT/sft.stale"; mv "$OUT/sft" "$OUT/sft.stale"; }
 current=$($PY -c "
 import json, scenes
 try:
+    n_train = sum(1 for _ in open('data/toy/train/detection.jsonl'))
     n = sum(1 for _ in open('data/toy/val/detection.jsonl'))
     first = json.loads(open('data/toy/val/grounding.jsonl').readline())
-    ok = n >= scenes.DEFAULT_VAL_SCENES * scenes.DETECTION_RECORDS and len(first['images']) == scenes.GROUNDING_FRAMES
+    ok = (n_train == scenes.DEFAULT_TRAIN_SCENES * scenes.DETECTION_RECORDS and len(first['images']) == scenes.GROUNDING_FRAMES
+          and n >= scenes.DEFAULT_VAL_SCENES * scenes.DETECTION_RECORDS)
     print('yes' if ok else 'no')
 except (OSError, KeyError, ValueError):
     print('no')")
