@@ -332,7 +332,7 @@ def read_video_frames(path: str, k: int, mode: str = "uniform", stride: int = 1,
 
 # Decoded frames and geometry arrays, least recently used first, up to FILE_CACHE_BYTES in all
 # (per process). A training run reads each file of its records again every epoch (the toy's SFT
-# warm-up reads each of its ~6,000 frames ~8 times), and decoding the PNGs is a third of building a
+# warm-up reads each of its ~1,800 frames ~30 times), and decoding the PNGs is a third of building a
 # batch (docs/EXPERIMENTS.md item 39). 1 GiB holds the toy's frames and ~1,700 ScanNet frames at
 # 448 x 448; a file larger than the budget is read each time. Cached arrays are read-only: every
 # caller that gets one shares it. Keyed by (kind, path, mtime, size), so a changed file is read again.

@@ -87,17 +87,19 @@ $PY scenes.py preview --data data/toy --out docs/preview.png
 
 stage "2. SFT warm-up on detection, grounding and spatial QA"
 # A finished $OUT/sft is reused, unless it stopped early or was trained for another step count,
-# task mix, geometry switch or toy model size (e.g. by an older version of this script): it is
+# task mix, geometry switch or toy model size (e.g. by an older version of this script), or is
+# older than data/toy's training records (made again since, e.g. by another $OUT's demo): it is
 # then moved aside.
 reusable=$($PY -c "
-import json, model, sft
+import json, os, model, sft
 try:
+    older = os.path.getmtime('$OUT/sft/latest/trainer_state.json') < os.path.getmtime('data/toy/train/detection.jsonl')
     state = json.load(open('$OUT/sft/latest/trainer_state.json'))
     text = json.load(open('$OUT/sft/latest/config.json'))['text_config']
     size, geometry = model.ToySize(), sft.parse_args('$SFT_FLAGS'.split()).geometry
     same = (state['step'], state['args']['steps'], list(state['args']['tasks']), state['args']['geometry'],
             text['hidden_size'], text['num_hidden_layers'])
-    print('yes' if same == ($SFT_STEPS, $SFT_STEPS, ['detection', 'grounding', 'spatial'], geometry, size.hidden, size.layers) else 'no')
+    print('yes' if same == ($SFT_STEPS, $SFT_STEPS, ['detection', 'grounding', 'spatial'], geometry, size.hidden, size.layers) and not older else 'no')
 except (OSError, KeyError, TypeError, ValueError):
     print('no')")
 if [ "$reusable" != yes ]; then

@@ -40,7 +40,7 @@ Layout on disk (per split, paths in records are relative to the split folder):
 
 Command line:
 
-    python scenes.py --out data/toy --train-scenes 500 --val-scenes 600   # the defaults
+    python scenes.py --out data/toy --train-scenes 150 --val-scenes 600   # the defaults
     python scenes.py --out data/toy --quick
     python scenes.py preview --data data/toy --out docs/preview.png
 
@@ -99,9 +99,9 @@ SPATIAL_FRAMES = 8          # uniformly sampled frames per spatial-QA record
 
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_000, "test": 2_000_000}   # disjoint seed ranges
 # 150 training scenes (450 / 437 / 695 detection / grounding / spatial records): the demo's
-# 3,000-step warm-up then passes each record ~30 times and reaches its held-out plateau, where
-# more SFT starts to overfit, the regime in which the paper compares SFT -> SFT with SFT -> RL.
-# With 500 the warm-up was still learning, more SFT kept gaining and the arms tied
+# 3,000-step warm-up then passes each record ~30 times, and more SFT on the same records loses
+# ground (overfits): the regime in which the paper compares SFT -> SFT with SFT -> RL. With 500
+# (~9 passes) more SFT held its own and tied GRPO on detection and grounding
 # (docs/EXPERIMENTS.md items 42 and 48).
 DEFAULT_TRAIN_SCENES = 150
 DEFAULT_VAL_SCENES = 600
