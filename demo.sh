@@ -65,9 +65,9 @@ report_metrics() {
 
 stage "1. synthetic world (train 150 scenes, held-out 600 scenes)"
 # Made once and reused; a folder from an older version with another number of training scenes,
-# fewer held-out scenes, or grounding records on other frames, is made again (the tables need scenes.py's defaults), and an
-# SFT checkpoint trained on the old folder is then dropped, so that step 2 trains on the new one.
-set_sft_aside() { echo "$1: moving $OUT/sft to $OUT/sft.stale"; rm -rf "$OUT/sft.stale"; mv "$OUT/sft" "$OUT/sft.stale"; }
+# fewer held-out scenes, or grounding records on other frames, is made again (the tables need
+# scenes.py's defaults). An SFT checkpoint trained on the old folder is older than the new
+# records, so step 2 sets it aside and trains on the new one.
 current=$($PY -c "
 import json, scenes
 try:
@@ -81,15 +81,14 @@ except (OSError, KeyError, ValueError):
     print('no')")
 if [ "$current" != yes ]; then
   $PY scenes.py --out data/toy --no-progress --workers "$(nproc)"   # the same bytes for any --workers
-  [ ! -d $OUT/sft ] || set_sft_aside "data/toy was made again"
 fi
 $PY scenes.py preview --data data/toy --out docs/preview.png
 
 stage "2. SFT warm-up on detection, grounding and spatial QA"
 # A finished $OUT/sft is reused, unless it stopped early or was trained for another step count,
 # task mix, geometry switch or toy model size (e.g. by an older version of this script), or is
-# older than data/toy's training records (made again since, e.g. by another $OUT's demo): it is
-# then moved aside.
+# older than data/toy's training records (made again since, by this run or another $OUT's): it
+# is then moved aside to $OUT/sft.stale.
 reusable=$($PY -c "
 import json, os, model, sft
 try:
@@ -103,7 +102,10 @@ try:
 except (OSError, KeyError, TypeError, ValueError):
     print('no')")
 if [ "$reusable" != yes ]; then
-  [ ! -d $OUT/sft ] || set_sft_aside "$OUT/sft is unfinished or has other settings"
+  if [ -d $OUT/sft ]; then
+    echo "$OUT/sft is unfinished, has other settings or predates data/toy: moving it to $OUT/sft.stale"
+    rm -rf "$OUT/sft.stale"; mv "$OUT/sft" "$OUT/sft.stale"
+  fi
   $PY sft.py --out $OUT/sft --tasks detection,grounding,spatial --steps "$SFT_STEPS" $SFT_FLAGS $SFT_SPEED --no-progress
 fi
 
